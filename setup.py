@@ -1,0 +1,33 @@
+"""Installs synqt_jax: SynQT (ECCV 2024) parameter- and memory-efficient ViT tuning in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name='synqt_jax',
+    version='0.1.0',
+    description='SynQT: disentangled, memory-efficient tuning of pre-trained ViTs in JAX/Flax',
+    packages=find_packages(include=['synqt_jax', 'synqt_jax.*']),
+    python_requires='>=3.10',
+    install_requires=[
+        'jax>=0.4.30',
+        'flax>=0.8.5',
+        'optax>=0.2.2',
+        'orbax-checkpoint>=0.5.20',
+        'tensorflow-datasets>=4.9.6',
+        'numpy>=1.24',
+        'ml-collections>=0.1.1',
+        'absl-py>=1.4',      # launch.py flags (--config file.py:arg), as big_vision
+        'tqdm>=4.66',        # progress bars for downloads, cache builds, training
+        'Pillow>=10.0',      # bicubic resize identical to the reference's torchvision/PIL
+        'clu>=0.0.12',       # TensorBoard metric writers
+        'matplotlib>=3.7',   # benchmark plots and notebook figures
+    ],
+    extras_require={
+        'test': [
+            'pytest>=8.0',
+            'tensorflow-cpu>=2.16',   # tfds.testing.mock_data and TFDS preparation
+            'nbclient>=0.10',
+            'nbformat>=5.10',
+            'ipykernel>=6.29',
+        ],
+    },
+)

@@ -1,0 +1,1 @@
+"""SynQT in JAX/Flax: frozen ViT image path, trainable query-synthesis path."""

@@ -1,0 +1,268 @@
+"""Google's official ViT `.npz` checkpoints: find, download, check, load.
+
+A checkpoint is a flat `{'Transformer/encoderblock_0/LayerNorm_0/scale': array}`
+file; `models_vit.VisionTransformer` is built with the same names, so loading is
+`nest(flat)` after the file has been checked key by key and shape by shape. The
+architecture (width, depth, heads, MLP size, patch, tokens, pre_logits, classes) is
+read from the file itself.
+"""
+import dataclasses
+import hashlib
+import os
+import re
+import tempfile
+import urllib.parse
+import urllib.request
+import zipfile
+from typing import Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from synqt_jax import models_vit
+
+GCS_ROOT = 'https://storage.googleapis.com/vit_models'
+# Collections of published checkpoints, as laid out in gs://vit_models/.
+COLLECTIONS = ('imagenet21k', 'imagenet21k+imagenet2012', 'augreg')
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+def default_cache_dir():
+  return os.environ.get('SYNQT_JAX_CACHE',
+                        os.path.join(os.path.expanduser('~'), '.cache', 'synqt_jax'))
+
+
+def gcs_to_https(url):
+  """`gs://bucket/path` -> the public HTTPS address of the same object."""
+  bucket_path = url[len('gs://'):]
+  return 'https://storage.googleapis.com/' + urllib.parse.quote(bucket_path)
+
+
+def published_url(name, collection='imagenet21k'):
+  """The URL of a published checkpoint, e.g. ('ViT-B_16', 'imagenet21k').
+
+  AugReg names are the file stems of gs://vit_models/augreg/, e.g.
+  'B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0'.
+  """
+  if collection not in COLLECTIONS:
+    raise CheckpointError(
+        f'Unknown checkpoint collection {collection!r}; use one of {COLLECTIONS}.')
+  name = name[:-len('.npz')] if name.endswith('.npz') else name
+  if collection != 'augreg' and not re.fullmatch(r'(R50\+)?ViT-[A-Za-z]+_\d+', name):
+    raise CheckpointError(
+        f'{name!r} is not a published ViT name; expected e.g. "ViT-B_16" '
+        f'(sizes Ti/S/B/L/H, patches 32/16/14/8), or a local path or URL.')
+  return f'{GCS_ROOT}/{urllib.parse.quote(collection)}/{urllib.parse.quote(name)}.npz'
+
+
+def resolve(source, collection='imagenet21k', cache_dir=None):
+  """A local path for `source`: a path, a gs:// or https:// URL, or a short name.
+
+  URLs and names download once into `cache_dir` (default `~/.cache/synqt_jax`,
+  or `$SYNQT_JAX_CACHE`) and are reused offline afterwards.
+  """
+  source = os.fspath(source)
+  if source.startswith('gs://'):
+    url = gcs_to_https(source)
+  elif source.startswith(('http://', 'https://')):
+    url = source
+  elif os.path.exists(source) or os.sep in source or source.endswith('.npz'):
+    if not os.path.exists(source):
+      raise CheckpointError(
+          f'Checkpoint file {source!r} does not exist. Give the path of a ViT .npz '
+          f'file, a gs:// or https:// URL, or a published name such as "ViT-B_16".')
+    return source
+  else:
+    url = published_url(source, collection)
+  cache_dir = cache_dir or default_cache_dir()
+  parts = urllib.parse.urlparse(url)
+  local = os.path.join(cache_dir, parts.netloc,
+                       urllib.parse.unquote(parts.path).lstrip('/'))
+  if not os.path.exists(local):
+    download(url, local)
+  return local
+
+
+def download(url, path):
+  """Downloads `url` to `path` with a progress bar; keeps it only if it is whole.
+
+  The file is written beside `path` and renamed into place after its size matches
+  the server's Content-Length and it reads as a ViT checkpoint, so an interrupted
+  download never leaves a half file in the cache.
+  """
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.part')
+  try:
+    try:
+      response = urllib.request.urlopen(url, timeout=60)
+    except OSError as e:
+      raise CheckpointError(
+          f'Could not download {url}: {e}. Check the network, or download the file '
+          f'yourself and pass its local path.') from e
+    with response, os.fdopen(fd, 'wb') as f:
+      total = int(response.headers.get('Content-Length') or 0) or None
+      with tqdm.tqdm(total=total, unit='B', unit_scale=True, unit_divisor=1024,
+                     desc=os.path.basename(path)) as bar:
+        while chunk := response.read(1 << 20):
+          f.write(chunk)
+          bar.update(len(chunk))
+    size = os.path.getsize(tmp)
+    if total is not None and size != total:
+      raise CheckpointError(
+          f'Download of {url} stopped at {size} of {total} bytes; run again to retry.')
+    vit_config(load_npz(tmp, name=url))
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def load_npz(path, name=None):
+  """The flat `{key: float32 array}` of an `.npz`, or a CheckpointError saying why not."""
+  name = name or path
+  if not os.path.exists(path):
+    raise CheckpointError(f'Checkpoint file {name!r} does not exist.')
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      return {k: np.asarray(f[k]) for k in f.files}
+  except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError) as e:
+    raise CheckpointError(
+        f'Checkpoint file {name!r} is truncated or corrupt ({type(e).__name__}: {e}). '
+        f'Delete it and download it again.') from e
+
+
+def _shape(flat, key, path):
+  if key not in flat:
+    raise CheckpointError(
+        f'{path!r} is not a ViT checkpoint: it has no {key!r} '
+        f'(found keys such as {sorted(flat)[:5]}).')
+  return flat[key].shape
+
+
+def vit_config(flat, path='checkpoint', image_size=None, **overrides):
+  """The `ViTConfig` a flat checkpoint describes; `image_size` defaults to the file's."""
+  patch, _, _, width = _shape(flat, 'embedding/kernel', path)
+  tokens = _shape(flat, 'Transformer/posembed_input/pos_embedding', path)[1]
+  depth = len({m.group(1) for k in flat
+               if (m := re.match(r'Transformer/encoderblock_(\d+)/', k))})
+  if depth == 0:
+    raise CheckpointError(f'{path!r} is not a ViT checkpoint: it has no encoder blocks.')
+  block = 'Transformer/encoderblock_0/'
+  heads = _shape(flat, block + 'MultiHeadDotProductAttention_1/query/kernel', path)[1]
+  mlp = _shape(flat, block + 'MlpBlock_3/Dense_0/kernel', path)[1]
+  grid = int(round((tokens - 1) ** 0.5))
+  if grid * grid != tokens - 1:
+    raise CheckpointError(
+        f'{path!r}: position embedding has {tokens} tokens, not 1 + a square grid.')
+  return models_vit.ViTConfig(
+      hidden_size=width, num_layers=depth, num_heads=heads, mlp_dim=mlp,
+      patch_size=patch, image_size=image_size or grid * patch,
+      representation_size=(flat['pre_logits/kernel'].shape[1]
+                           if 'pre_logits/kernel' in flat else None),
+      num_classes=flat['head/kernel'].shape[1] if 'head/kernel' in flat else None,
+      **overrides)
+
+
+def nest(flat):
+  """`{'a/b/c': x}` -> `{'a': {'b': {'c': x}}}`, the Flax parameter tree."""
+  return flax.traverse_util.unflatten_dict({tuple(k.split('/')): v
+                                            for k, v in flat.items()})
+
+
+def flatten(tree):
+  return {'/'.join(k): v for k, v in flax.traverse_util.flatten_dict(tree).items()}
+
+
+def expected_shapes(config):
+  """`{key: shape}` of every parameter a `VisionTransformer(config)` owns."""
+  model = models_vit.VisionTransformer(config)
+  shapes = jax.eval_shape(
+      model.init, jax.random.PRNGKey(0),
+      jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32))
+  return {k: v.shape for k, v in flatten(shapes['params']).items()}
+
+
+def check_against(flat, config, path='checkpoint'):
+  """Raises a CheckpointError listing every missing key, unexpected key and bad shape."""
+  want = expected_shapes(config)
+  missing = sorted(set(want) - set(flat))
+  unexpected = sorted(set(flat) - set(want))
+  wrong = [(k, want[k], flat[k].shape) for k in sorted(set(want) & set(flat))
+           if tuple(flat[k].shape) != tuple(want[k])]
+  problems = []
+  if missing:
+    problems.append(f'missing keys ({len(missing)}): ' + ', '.join(missing))
+  if unexpected:
+    problems.append(f'unexpected keys ({len(unexpected)}): ' + ', '.join(unexpected))
+  for k, w, f in wrong:
+    problems.append(f'shape mismatch for {k}: expected {w}, found {f}')
+  if problems:
+    raise CheckpointError(
+        f'{path!r} does not match a ViT of {config.num_layers} blocks, width '
+        f'{config.hidden_size}, {config.num_heads} heads:\n  ' + '\n  '.join(problems)
+        + '\nUse an official ViT .npz checkpoint (or one written in the same layout).')
+
+
+def interpolate_posemb(posemb, num_tokens):
+  """Resizes a (1, 1 + g*g, D) position embedding to `num_tokens`, class token kept.
+
+  The grid is resized bilinearly (half-pixel centres, no antialiasing), as timm's
+  `resize_pos_embed` and PyTorch's `F.interpolate(mode='bilinear')`.
+  """
+  if posemb.shape[1] == num_tokens:
+    return posemb
+  cls, grid = posemb[:, :1], posemb[0, 1:]
+  old, new = int(round(grid.shape[0] ** 0.5)), int(round((num_tokens - 1) ** 0.5))
+  if new * new != num_tokens - 1:
+    raise CheckpointError(f'Cannot resize the position embedding to {num_tokens} '
+                          f'tokens: {num_tokens - 1} is not a square grid.')
+  grid = grid.reshape(old, old, -1)
+  grid = jax.image.resize(grid, (new, new, grid.shape[-1]), 'linear', antialias=False)
+  return np.concatenate([cls, np.asarray(grid).reshape(1, new * new, -1)], axis=1)
+
+
+def load(source, image_size=None, collection='imagenet21k', cache_dir=None,
+         headless=False, **config_overrides):
+  """Loads a ViT checkpoint: returns `(ViTConfig, params)` with params in the file's tree.
+
+  Args:
+    source: a local `.npz` path, a `gs://`/`https://` URL, or a published name
+      (`'ViT-B_16'`) in `collection`.
+    image_size: input resolution; if it differs from the checkpoint's, the
+      position embedding is interpolated.
+    headless: drop the pre-trained classifier (`pre_logits`, `head`), for
+      backbones that only feed a new task head.
+    config_overrides: `ViTConfig` fields such as `dtype` or `approximate_gelu`.
+  """
+  path = resolve(source, collection, cache_dir)
+  flat = load_npz(path)
+  config = vit_config(flat, path, image_size=image_size, **config_overrides)
+  if image_size is not None and config.image_size % config.patch_size:
+    raise CheckpointError(f'image_size {image_size} is not a multiple of the '
+                          f'checkpoint\'s patch size {config.patch_size}.')
+  key = 'Transformer/posembed_input/pos_embedding'
+  flat[key] = interpolate_posemb(flat[key], config.num_tokens)
+  check_against(flat, config, path)
+  if headless:
+    config = dataclasses.replace(config, representation_size=None, num_classes=None)
+    flat = {k: v for k, v in flat.items() if not k.startswith(('pre_logits/', 'head/'))}
+  return config, nest({k: np.asarray(v, np.float32) for k, v in flat.items()})
+
+
+def digest(flat: Mapping[str, np.ndarray]) -> str:
+  """sha256 over sorted keys, each key's UTF-8 bytes then its float32 C-order bytes."""
+  h = hashlib.sha256()
+  for k in sorted(flat):
+    h.update(k.encode('utf-8'))
+    h.update(np.ascontiguousarray(flat[k], np.float32).tobytes())
+  return h.hexdigest()
+
+
+def count_params(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))

@@ -1,0 +1,211 @@
+"""Readers for prepared image folders, the form most PETL users have on disk.
+
+The layout is detected from the split file that exists:
+
+  NOAH/VPT lists  <root>/<task>/<split>.txt, lines '<image path> <label>',
+                  paths relative to <root>/<task>/.
+  SynQT JSON      <root>/<task>/<split>.json, [{"<image path>": <label>}, ...],
+                  paths relative to <root>/<task>/images/.
+  VPT FGVC JSON   <root>/<split>.json, {"<image path>": <class id>, ...}, paths
+                  relative to the task's image directory (CUB-200-2011 and
+                  NABirds: images/, Stanford Dogs: Images/, Stanford Cars and
+                  Oxford Flowers: the root itself). Class ids become 0..C-1 in
+                  sorted order. VPT sorts each split file's ids on their own;
+                  we sort the ids of train/val/test.json together, which gives
+                  the same labels when every split holds every class and
+                  consistent ones when it does not.
+
+<task> may be any of the task's folder names (e.g. cifar or cifar100), or
+`root` may be the task's directory itself. Split 'a+b' concatenates splits a
+and b (e.g. FGVC 'train+val'). Splits are checked when read (every image
+exists, every label is in range), so bad data fails before training starts.
+"""
+
+import dataclasses
+import json
+import os
+from typing import Iterator, NamedTuple
+
+import numpy as np
+from PIL import Image
+
+from synqt_jax import tasks
+
+SPLIT_FILE_EXTENSIONS = ('.txt', '.json')
+# The files whose class ids together define the FGVC id -> label mapping.
+FGVC_SPLIT_FILES = ('train.json', 'val.json', 'test.json')
+
+
+class FolderNotFoundError(FileNotFoundError):
+  """The root, or the task's split file under it, does not exist."""
+
+
+class SplitFileError(ValueError):
+  """A split file that cannot be parsed, or an ambiguous layout."""
+
+
+class MissingImageError(FileNotFoundError):
+  """A split file names an image that does not exist."""
+
+
+class CorruptImageError(ValueError):
+  """An image file that PIL cannot decode."""
+
+
+class _Entry(NamedTuple):
+  path: str    # absolute image path
+  label: int
+  origin: str  # where the entry is written, for error messages
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderSplit:
+  """A checked split: every image exists and every label is in range."""
+  paths: tuple[str, ...]
+  labels: np.ndarray    # int32 [n]
+  origins: tuple[str, ...]  # '<split file>:<line>' or '<split file> entry i'
+  split_files: tuple[str, ...]
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+
+def read_split(root: str, task: tasks.Task, split: str) -> FolderSplit:
+  """Reads and checks `split` ('a+b' concatenates) of `task` under `root`."""
+  if not os.path.isdir(root):
+    raise FolderNotFoundError(
+        f'data.root {root!r} is not a directory. Point it at the folder that '
+        'holds the prepared task directories (e.g. '
+        f'<root>/{task.folder_names[0]}/test.txt), or use '
+        'data.source=\'tfds\'.')
+  split_files = [find_split_file(root, task, part) for part in split.split('+')]
+  entries = [entry for path in split_files for entry in _read(path, task)]
+  if not entries:
+    raise SplitFileError(f'{" + ".join(split_files)} lists no images.')
+  for entry in entries:
+    tasks.check_label(entry.label, task.num_classes,
+                      f'{entry.origin} (task {task.name!r})')
+  missing = [entry for entry in entries if not os.path.isfile(entry.path)]
+  if missing:
+    others = (f' ({len(missing) - 1} more listed images are missing too)'
+              if len(missing) > 1 else '')
+    raise MissingImageError(
+        f'{missing[0].origin}: image {missing[0].path} does not exist{others}. '
+        'Extract the images next to the split file as the list expects, or '
+        'fix data.root.')
+  return FolderSplit(
+      paths=tuple(entry.path for entry in entries),
+      labels=np.array([entry.label for entry in entries], np.int32),
+      origins=tuple(entry.origin for entry in entries),
+      split_files=tuple(split_files))
+
+
+def find_split_file(root: str, task: tasks.Task, split: str) -> str:
+  """Path of `split`'s list or JSON file for `task` under `root`."""
+  candidates = [os.path.join(root, name) for name in task.folder_names]
+  candidates.append(root)
+  for directory in candidates:
+    found = [os.path.join(directory, split + extension)
+             for extension in SPLIT_FILE_EXTENSIONS]
+    found = [path for path in found if os.path.isfile(path)]
+    if len(found) > 1:
+      raise SplitFileError(
+          f'Both {found[0]} and {found[1]} exist; keep the one that matches '
+          'the images so the layout is unambiguous.')
+    if found:
+      return found[0]
+  present = sorted(
+      os.path.join(directory, name)
+      for directory in candidates if os.path.isdir(directory)
+      for name in os.listdir(directory)
+      if name.endswith(SPLIT_FILE_EXTENSIONS))
+  raise FolderNotFoundError(
+      f'No split file {split}.txt or {split}.json for task {task.name!r}; '
+      f'looked in {", ".join(candidates)}. Split files present: '
+      f'{", ".join(present) or "none"}. Check data.root and the split name.')
+
+
+def load_image(path: str, origin: str = '') -> Image.Image:
+  """Decodes an image file to RGB, as the reference's PIL loader does."""
+  try:
+    with Image.open(path) as image:
+      return image.convert('RGB')
+  except (OSError, SyntaxError, ValueError) as e:
+    listed = f' (listed at {origin})' if origin else ''
+    raise CorruptImageError(
+        f'Cannot decode image {path}{listed}: {e}. Re-extract or re-download '
+        'it, or remove it from the split file.') from e
+
+
+def _read(path: str, task: tasks.Task) -> Iterator[_Entry]:
+  if path.endswith('.txt'):
+    return _read_list(path)
+  data = _load_json(path)
+  if isinstance(data, list):
+    return _read_synqt_json(path, data)
+  if isinstance(data, dict):
+    return _read_fgvc_json(path, data, task)
+  raise SplitFileError(
+      f'{path}: expected a JSON list of {{"<image path>": <label>}} objects '
+      f'(SynQT) or one {{"<image path>": <class id>}} object (VPT FGVC), got '
+      f'{type(data).__name__}.')
+
+
+def _read_list(path: str) -> Iterator[_Entry]:
+  directory = os.path.dirname(path)
+  with open(path) as f:
+    for line_number, line in enumerate(f, 1):
+      fields = line.strip().rsplit(maxsplit=1)
+      if not fields:
+        continue
+      origin = f'{path}:{line_number}'
+      label = fields[1] if len(fields) == 2 else None
+      yield _Entry(os.path.join(directory, fields[0]),
+                   _parse_label(label, origin, line.strip()), origin)
+
+
+def _read_synqt_json(path: str, data: list) -> Iterator[_Entry]:
+  images = os.path.join(os.path.dirname(path), 'images')
+  for number, item in enumerate(data, 1):
+    origin = f'{path} entry {number}'
+    if not (isinstance(item, dict) and len(item) == 1):
+      raise SplitFileError(
+          f'{origin}: expected a one-key object {{"<image path>": <label>}}, '
+          f'got {item!r}.')
+    (image, label), = item.items()
+    yield _Entry(os.path.join(images, image),
+                 _parse_label(label, origin, item), origin)
+
+
+def _read_fgvc_json(path: str, data: dict,
+                    task: tasks.Task) -> Iterator[_Entry]:
+  directory = os.path.dirname(path)
+  class_ids = set(data.values())
+  for name in FGVC_SPLIT_FILES:
+    if os.path.isfile(os.path.join(directory, name)):
+      other_split = _load_json(os.path.join(directory, name))
+      if isinstance(other_split, dict):
+        class_ids.update(other_split.values())
+  label_of_id = {class_id: label
+                 for label, class_id in enumerate(sorted(class_ids))}
+  images = os.path.join(directory, task.image_dir)
+  for image, class_id in data.items():
+    origin = f'{path} entry {image!r} (class id {class_id!r})'
+    yield _Entry(os.path.join(images, image), label_of_id[class_id], origin)
+
+
+def _load_json(path: str):
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise SplitFileError(f'{path}: not valid JSON ({e}).') from e
+
+
+def _parse_label(label, origin: str, written) -> int:
+  if isinstance(label, int) and not isinstance(label, bool):
+    return label
+  if isinstance(label, str) and label.lstrip('-').isdigit():
+    return int(label)
+  raise SplitFileError(
+      f'{origin}: expected "<image path> <integer label>", got {written!r}.')

@@ -1,0 +1,510 @@
+"""Input pipeline: a task's splits as image sources, and batches for training.
+
+Data config (a ConfigDict, `config.data` in the trainer; `default_data_config`
+builds one):
+  source: 'tfds' (TFDS builders read with `tfds.data_source`) or 'folder'
+    (prepared image folders, see folders.py).
+  task: task name or alias (tasks.py), e.g. 'cifar100', 'kitti', 'cub200'.
+  root: TFDS data_dir (None: TFDS's default, $TFDS_DATA_DIR or
+    ~/tensorflow_datasets) or the prepared-folder root.
+  image_size: side S of the square images the model sees (224).
+  normalization: 'imagenet' ((x/255 - mean)/std, the SynQT reference) or
+    'inception' ((x - 127.5)/127.5, the scaling Google's ViT checkpoints saw).
+  train_split: 'train800val200' (VTAB) or 'train' / 'train+val' (FGVC).
+  test_split: 'test'.
+  val_split: 'val200' (VTAB), 'val' (FGVC) or None.
+
+Images are resized once, with PIL bicubic straight to S x S (bit-identical to
+the reference's torchvision Resize((S, S)) on PIL images), kept as uint8, and
+normalised per batch in float32.
+
+The training stream is a function of (seed, step) alone: step k is batch
+k % steps_per_epoch of epoch k // steps_per_epoch, whose example order is
+np.random.default_rng([seed, epoch]).permutation(n). An epoch's last batch is
+padded with mask=0 rows (PyTorch's drop_last=False), so `train_batches(...,
+start_step=k)` resumes exactly and the step is the only state to checkpoint.
+Every host yields its contiguous slice of the global batch, shaped
+[local_devices, per_device, ...].
+"""
+
+import abc
+import concurrent.futures
+import itertools
+import os
+import queue
+import threading
+from typing import Iterator
+
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+import tensorflow_datasets as tfds
+import tqdm
+
+from synqt_jax import folders
+from synqt_jax import tasks
+
+SOURCES = ('tfds', 'folder')
+NORMALIZATIONS = ('imagenet', 'inception')
+IMAGENET_MEAN = np.array((0.485, 0.456, 0.406), np.float32)
+IMAGENET_STD = np.array((0.229, 0.224, 0.225), np.float32)
+
+Batch = dict[str, np.ndarray]
+
+
+class DataConfigError(ValueError):
+  """A data config field with a bad value; the message names the field."""
+
+
+class TfdsNotPreparedError(FileNotFoundError):
+  """A TFDS dataset that is missing, or not in a random-access format."""
+
+
+def default_data_config(**overrides) -> ml_collections.ConfigDict:
+  """The data config with the reference's defaults, updated by `overrides`."""
+  defaults = dict(source='tfds', task='cifar100', root=None, image_size=224,
+                  normalization='imagenet', train_split='train800val200',
+                  test_split='test', val_split='val200')
+  unknown = set(overrides) - set(defaults)
+  if unknown:
+    raise DataConfigError(f'Unknown data config fields {sorted(unknown)}; '
+                          f'the fields are {list(defaults)}.')
+  return ml_collections.ConfigDict({**defaults, **overrides})
+
+
+def validate_data_config(config) -> None:
+  """Raises DataConfigError naming the first field with a bad value."""
+  def field(name):
+    if not hasattr(config, name):
+      raise DataConfigError(f'data.{name} is missing.')
+    return getattr(config, name)
+
+  if field('source') not in SOURCES:
+    raise DataConfigError(
+        f'data.source={config.source!r}; expected one of {SOURCES}.')
+  try:
+    task = tasks.get_task(field('task'))
+  except tasks.UnknownTaskError as e:
+    raise DataConfigError(f'data.task: {e}') from e
+  if config.source == 'tfds' and not task.is_vtab:
+    raise DataConfigError(
+        f'data.source=\'tfds\', but task {task.name!r} has no TFDS builder; '
+        'use data.source=\'folder\' with the VPT-prepared folder.')
+  root = field('root')
+  if not (isinstance(root, (str, os.PathLike)) and os.fspath(root) or
+          root is None and config.source == 'tfds'):
+    raise DataConfigError(
+        f'data.root={root!r}; expected the prepared-folder root (a path), or '
+        'for TFDS a data_dir or None (TFDS\'s default).')
+  image_size = field('image_size')
+  if not (isinstance(image_size, int) and not isinstance(image_size, bool)
+          and image_size > 0):
+    raise DataConfigError(
+        f'data.image_size={image_size!r}; expected a positive int (224).')
+  if field('normalization') not in NORMALIZATIONS:
+    raise DataConfigError(f'data.normalization={config.normalization!r}; '
+                          f'expected one of {NORMALIZATIONS}.')
+  splits = {'train_split': field('train_split'),
+            'test_split': field('test_split'),
+            'val_split': getattr(config, 'val_split', None)}
+  for name, split in splits.items():
+    if split is None and name == 'val_split':
+      continue
+    if not (isinstance(split, str) and split):
+      raise DataConfigError(f'data.{name}={split!r}; expected a split name.')
+    if config.source == 'tfds' and split not in task.tfds_splits:
+      raise DataConfigError(
+          f'data.{name}={split!r}; TFDS tasks have the splits '
+          f'{tuple(task.tfds_splits)}.')
+
+
+def resize(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
+  """uint8 [size, size, 3]: PIL bicubic straight to size x size.
+
+  This is what torchvision's Resize((size, size), BICUBIC) does to a PIL
+  image, so the result is bit-identical to the reference's inputs.
+
+  Args:
+    image: a PIL image, or a uint8 array [H, W], [H, W, 1] or [H, W, 3]
+      (grayscale is tiled to 3 channels).
+    size: output side.
+  """
+  if isinstance(image, np.ndarray):
+    image = Image.fromarray(_rgb(image))
+  return np.asarray(image.convert('RGB').resize((size, size), Image.BICUBIC))
+
+
+def normalize(images: np.ndarray, normalization: str) -> np.ndarray:
+  """float32 images from uint8 ones, with the reference's float32 arithmetic."""
+  images = images.astype(np.float32)
+  if normalization == 'imagenet':
+    return (images / 255 - IMAGENET_MEAN) / IMAGENET_STD
+  if normalization == 'inception':
+    return (images - 127.5) / 127.5
+  raise DataConfigError(f'data.normalization={normalization!r}; expected one '
+                        f'of {NORMALIZATIONS}.')
+
+
+def _rgb(image: np.ndarray) -> np.ndarray:
+  if image.dtype != np.uint8:
+    raise ValueError(f'Expected uint8 image, got {image.dtype}.')
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.ndim != 3 or image.shape[-1] not in (1, 3):
+    raise ValueError(
+        f'Expected an image [H, W], [H, W, 1] or [H, W, 3], got {image.shape}.')
+  return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
+
+
+class Source(abc.ABC):
+  """Random access to one split: (uint8 [S, S, 3] image, int label) pairs."""
+
+  def __init__(self, name: str, num_classes: int, image_size: int):
+    self.name = name
+    self.num_classes = num_classes
+    self.image_size = image_size
+
+  @abc.abstractmethod
+  def __len__(self) -> int:
+    ...
+
+  @abc.abstractmethod
+  def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+    ...
+
+  def __repr__(self) -> str:
+    return (f'{type(self).__name__}({self.name!r}, {len(self)} examples, '
+            f'{self.num_classes} classes, {self.image_size}px)')
+
+
+class ArraySource(Source):
+  """Examples held in memory as numpy arrays (resized on construction)."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int,
+               *, image_size: int | None = None, name: str = 'arrays'):
+    """Checks and resizes the examples.
+
+    Args:
+      images: uint8 [N, H, W], [N, H, W, 1] or [N, H, W, 3].
+      labels: integers [N] in 0..num_classes-1.
+      num_classes: number of classes.
+      image_size: side S to resize to; None keeps the (square) input size.
+      name: shown in messages.
+    """
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+      raise ValueError(f'{name}: expected uint8 images [N, H, W(, C)], got '
+                       f'{images.dtype} {images.shape}.')
+    if labels.shape != images.shape[:1] or labels.dtype.kind not in 'iu':
+      raise ValueError(f'{name}: expected integer labels [{len(images)}], got '
+                       f'{labels.dtype} {labels.shape}.')
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+      tasks.check_label(int(labels[bad[0]]), num_classes,
+                        f'{name} labels[{bad[0]}]')
+    if image_size is None:
+      if images.shape[1] != images.shape[2]:
+        raise ValueError(f'{name}: images {images.shape[1:3]} are not square; '
+                         'pass image_size to resize them.')
+      image_size = images.shape[1]
+    if images.shape[1:] == (image_size, image_size, 3):
+      self._images = images
+    else:
+      self._images = np.stack([resize(image, image_size) for image in images])
+    self._labels = labels.astype(np.int32)
+    super().__init__(name, num_classes, image_size)
+
+  def __len__(self) -> int:
+    return len(self._labels)
+
+  def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+    return self._images[index], int(self._labels[index])
+
+
+class FolderSource(Source):
+  """A checked prepared-folder split, decoded and resized on access."""
+
+  def __init__(self, task: tasks.Task, split: str,
+               folder_split: folders.FolderSplit, image_size: int):
+    super().__init__(f'{task.name}:{split}', task.num_classes, image_size)
+    self._split = folder_split
+
+  def __len__(self) -> int:
+    return len(self._split)
+
+  def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+    image = folders.load_image(self._split.paths[index],
+                               self._split.origins[index])
+    return resize(image, self.image_size), int(self._split.labels[index])
+
+
+class TfdsSource(Source):
+  """A TFDS random-access split with the task's image and label functions."""
+
+  def __init__(self, task: tasks.Task, split: str, data_source,
+               image_size: int):
+    super().__init__(f'{task.name}:{split}', task.num_classes, image_size)
+    self._task = task
+    self._data_source = data_source
+    self._origin = f'TFDS {task.tfds_name} split {task.tfds_splits[split]!r}'
+
+  def __len__(self) -> int:
+    return len(self._data_source)
+
+  def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+    example = self._data_source[int(index)]
+    label = tasks.check_label(self._task.label_fn(example), self.num_classes,
+                              f'{self._origin} example {index}')
+    return resize(self._task.image_fn(example), self.image_size), label
+
+
+def load_source(config, split: str, *, in_memory: bool = False) -> Source:
+  """The `split` of the task in data config `config`.
+
+  Args:
+    config: data config (see the module docstring).
+    split: split name, e.g. config.train_split.
+    in_memory: decode and resize every example now (with a progress bar) and
+      keep them as uint8; meant for the ~1000 training images.
+
+  Raises:
+    DataConfigError, tasks.UnknownTaskError, TfdsNotPreparedError, and
+    folders' errors for missing or bad folders, split files and images.
+  """
+  validate_data_config(config)
+  task = tasks.get_task(config.task)
+  if config.source == 'folder':
+    source = FolderSource(task, split,
+                          folders.read_split(config.root, task, split),
+                          config.image_size)
+  else:
+    data_source = _tfds_data_source(task, split, config.root)
+    source = TfdsSource(task, split, data_source, config.image_size)
+  return cache_in_memory(source) if in_memory else source
+
+
+def cache_in_memory(source: Source, num_threads: int | None = None
+                    ) -> ArraySource:
+  """Decodes and resizes every example of `source` once, with a progress bar."""
+  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+    examples = list(tqdm.tqdm(pool.map(source.__getitem__, range(len(source))),
+                              total=len(source), desc=f'Decoding {source.name}',
+                              unit='images'))
+  images = np.stack([image for image, _ in examples])
+  labels = np.array([label for _, label in examples], np.int32)
+  return ArraySource(images, labels, source.num_classes,
+                     image_size=source.image_size, name=source.name)
+
+
+def _tfds_data_source(task: tasks.Task, split: str, data_dir: str | None):
+  builder = tfds.builder(task.tfds_name, data_dir=data_dir)
+  try:
+    return builder.as_data_source(split=task.tfds_splits[split])
+  except NotImplementedError as e:
+    # TFDS says "no random access for TFRECORD" both for data prepared as
+    # tfrecord and for data not prepared at all; tell the two apart.
+    if builder.is_prepared():
+      raise TfdsNotPreparedError(
+          f'TFDS dataset {task.tfds_name!r} in {builder.data_dir} is prepared '
+          'as tfrecord, but random access (tfds.data_source) needs '
+          'array_record. Convert it once, without downloading again (the tfds '
+          'command line needs `pip install tensorflow-cpu apache-beam '
+          f'mlcroissant`):\n  tfds convert_format --dataset_version_dir='
+          f'{builder.data_dir} --out_file_format=array_record') from e
+    raise TfdsNotPreparedError(_tfds_prepare_message(task, builder)) from e
+
+
+def _tfds_prepare_message(task: tasks.Task, builder) -> str:
+  data_dir = os.fspath(builder.data_dir_root)
+  spec = f'{task.tfds_name.split(":")[0]}:{builder.version}'
+  steps = [f'pip install tensorflow-cpu {" ".join(task.tfds_prepare_requires)}'
+           .strip()]
+  if task.tfds_manual_download:
+    manual_dir = os.path.join(data_dir, 'downloads', 'manual')
+    steps.append('Manual download: ' + task.tfds_manual_download.replace(
+        '<manual_dir>', manual_dir))
+  steps.append(
+      'python -c "import tensorflow_datasets as tfds; '
+      f'tfds.builder(\'{spec}\', data_dir=\'{data_dir}\', '
+      'file_format=\'array_record\').download_and_prepare()"\n     or, with the tfds command line (which '
+      'also needs `pip install apache-beam mlcroissant`):\n     '
+      f'tfds build {spec} --data_dir={data_dir} --file_format=array_record')
+  numbered = ''.join(f'\n  {i}. {step}' for i, step in enumerate(steps, 1))
+  return (
+      f'TFDS dataset {spec} (task {task.name!r}) is not prepared in data_dir '
+      f'{data_dir}. Prepare it once (TensorFlow is needed only for this):'
+      f'{numbered}\narray_record is the format that tfds.data_source reads. '
+      'Or set data.source=\'folder\' to read NOAH/VPT prepared folders.')
+
+
+def steps_per_epoch(num_examples: int, global_batch: int) -> int:
+  """Batches in one pass over `num_examples`, the last one padded."""
+  return -(-num_examples // global_batch)
+
+
+def train_indices(num_examples: int, global_batch: int, seed: int,
+                  step: int) -> np.ndarray:
+  """Example indices of global training batch `step`; -1 marks padding."""
+  epoch, batch = divmod(step, steps_per_epoch(num_examples, global_batch))
+  order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+  return _pad(order[batch * global_batch:(batch + 1) * global_batch],
+              global_batch)
+
+
+def eval_indices(num_examples: int, global_batch: int, step: int) -> np.ndarray:
+  """Example indices of global eval batch `step`, in order; -1 is padding."""
+  stop = min(num_examples, (step + 1) * global_batch)
+  return _pad(np.arange(step * global_batch, stop), global_batch)
+
+
+def _pad(indices: np.ndarray, size: int) -> np.ndarray:
+  return np.concatenate([indices, np.full(size - len(indices), -1)])
+
+
+def train_batches(source: Source, global_batch: int, *, seed: int,
+                  normalization: str = 'imagenet', start_step: int = 0,
+                  num_steps: int | None = None,
+                  process_index: int | None = None,
+                  process_count: int | None = None,
+                  local_device_count: int | None = None,
+                  prefetch: int = 2,
+                  num_threads: int | None = None) -> Iterator[Batch]:
+  """This host's training batches from global step `start_step` on.
+
+  Args:
+    source: the training split, best an in-memory one (`load_source(...,
+      in_memory=True)`).
+    global_batch: examples per step over all hosts and devices.
+    seed: the order's seed (>= 0).
+    normalization: 'imagenet' or 'inception'.
+    start_step: first global step to yield; restarting here yields exactly
+      what an uninterrupted stream yields from this step on.
+    num_steps: how many batches to yield; None: forever.
+    process_index, process_count, local_device_count: this host's place;
+      default from jax.
+    prefetch: batches prepared ahead in a background thread.
+    num_threads: threads that decode examples (default: one per core).
+
+  Returns:
+    An iterator of {'image': float32 [D, b, S, S, 3], 'label': int32 [D, b],
+    'mask': float32 [D, b]} with D local devices and b = global_batch /
+    (process_count * D) examples per device; padding rows have mask 0.
+  """
+  if not (isinstance(seed, (int, np.integer)) and seed >= 0):
+    raise ValueError(f'seed={seed!r}; expected an int >= 0.')
+  steps = (itertools.count(start_step) if num_steps is None
+           else range(start_step, start_step + num_steps))
+  stream = (train_indices(len(source), global_batch, seed, step)
+            for step in steps)
+  return _batches(source, global_batch, stream, normalization, process_index,
+                  process_count, local_device_count, prefetch, num_threads)
+
+
+def eval_batches(source: Source, global_batch: int, *,
+                 normalization: str = 'imagenet',
+                 process_index: int | None = None,
+                 process_count: int | None = None,
+                 local_device_count: int | None = None,
+                 prefetch: int = 2,
+                 num_threads: int | None = None) -> Iterator[Batch]:
+  """This host's batches of one in-order pass over `source`.
+
+  Examples are decoded on the fly in background threads, so big test sets
+  stream. The last batch is padded with mask=0 rows: summing over mask counts
+  every example exactly once. Arguments and batches as for `train_batches`;
+  there are steps_per_epoch(len(source), global_batch) of them.
+  """
+  stream = (eval_indices(len(source), global_batch, step)
+            for step in range(steps_per_epoch(len(source), global_batch)))
+  return _batches(source, global_batch, stream, normalization, process_index,
+                  process_count, local_device_count, prefetch, num_threads)
+
+
+def _batches(source, global_batch, index_stream, normalization, process_index,
+             process_count, local_device_count, prefetch, num_threads):
+  """Checks the layout now, then assembles this host's batches lazily."""
+  if process_index is None:
+    process_index = jax.process_index()
+  if process_count is None:
+    process_count = jax.process_count()
+  if local_device_count is None:
+    local_device_count = jax.local_device_count()
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} is not in '
+                     f'0..{process_count - 1}.')
+  if global_batch % (process_count * local_device_count):
+    raise ValueError(
+        f'Global batch {global_batch} does not split evenly over '
+        f'{process_count} processes x {local_device_count} local devices; '
+        f'use a multiple of {process_count * local_device_count}.')
+  if normalization not in NORMALIZATIONS:
+    raise DataConfigError(f'data.normalization={normalization!r}; expected '
+                          f'one of {NORMALIZATIONS}.')
+  if len(source) == 0:
+    raise ValueError(f'{source.name} has no examples.')
+  per_host = global_batch // process_count
+  host_rows = slice(process_index * per_host, (process_index + 1) * per_host)
+
+  def host_batches():
+    with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+      for indices in index_stream:
+        yield _host_batch(source, indices[host_rows], local_device_count,
+                          normalization, pool)
+
+  return _prefetch(host_batches(), prefetch)
+
+
+def _host_batch(source, indices, local_device_count, normalization, pool):
+  size = source.image_size
+  images = np.zeros((len(indices), size, size, 3), np.uint8)
+  labels = np.zeros(len(indices), np.int32)
+  rows = np.flatnonzero(indices >= 0)
+  for row, (image, label) in zip(rows, pool.map(source.__getitem__,
+                                                indices[rows])):
+    images[row], labels[row] = image, label
+  batch = {'image': normalize(images, normalization), 'label': labels,
+           'mask': (indices >= 0).astype(np.float32)}
+  return {key: value.reshape((local_device_count, -1) + value.shape[1:])
+          for key, value in batch.items()}
+
+
+def _prefetch(iterator, size: int):
+  """Runs `iterator` in a background thread, up to `size` items ahead."""
+  buffer = queue.Queue(maxsize=max(size, 1))
+  stopped = threading.Event()
+  end = object()
+
+  def put(item) -> bool:
+    while not stopped.is_set():
+      try:
+        buffer.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        pass
+    return False
+
+  def produce():
+    try:
+      for item in iterator:
+        if not put((item, None)):
+          return
+      put((end, None))
+    except Exception as e:  # pylint: disable=broad-except
+      put((None, e))
+    finally:
+      iterator.close()
+
+  thread = threading.Thread(target=produce, daemon=True)
+  thread.start()
+  try:
+    while True:
+      item, error = buffer.get()
+      if error is not None:
+        raise error
+      if item is end:
+        return
+      yield item
+  finally:
+    stopped.set()
+    thread.join()

@@ -1,0 +1,243 @@
+"""A Flax Vision Transformer whose parameter tree *is* Google's official `.npz` tree.
+
+Every submodule is named after the checkpoint key it owns (`embedding`, `cls`,
+`Transformer/encoderblock_3/MultiHeadDotProductAttention_1/query`, ...), so loading
+a checkpoint is: read the file, split the keys on '/', `apply`. The blocks expose
+the pieces SynQT's query path needs (`image_kv`, `attend`, `mlp_residual`), so the
+frozen image path and the trainable query path share one set of weights.
+"""
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# The backbone's LayerNorm epsilon: timm's and Google's ViT both use 1e-6.
+BACKBONE_LN_EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  """Architecture of a ViT, as read from a checkpoint (see `checkpoint.vit_config`)."""
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  patch_size: int
+  image_size: int
+  representation_size: Optional[int] = None  # `pre_logits` width, None if absent.
+  num_classes: Optional[int] = None  # `head` outputs, None for a headless backbone.
+  approximate_gelu: bool = False  # Exact (erf) GELU, as the reference computed.
+  dtype: Any = jnp.float32  # Activation dtype; parameters stay float32.
+
+  @property
+  def head_dim(self):
+    return self.hidden_size // self.num_heads
+
+  @property
+  def num_tokens(self):
+    """Image tokens including the class token: 1 + (S/P)^2."""
+    return 1 + (self.image_size // self.patch_size) ** 2
+
+
+@jax.custom_jvp
+def softmax(x):
+  """Softmax over the last axis, differentiated as y * (dx - sum(y * dx)) (PyTorch's).
+
+  Autodiff through exp/sum/divide (`jax.nn.softmax` by default) leaves float32
+  round-off of order 1e-7 * |g| in the gradient of a saturated row; SynQT's query
+  self-attention saturates at initialisation, where the true gradient is ~1e-14.
+  """
+  unnormalized = jnp.exp(x - jax.lax.stop_gradient(x.max(-1, keepdims=True)))
+  return unnormalized / unnormalized.sum(-1, keepdims=True)
+
+
+@softmax.defjvp
+def _softmax_jvp(primals, tangents):
+  (x,), (x_dot,) = primals, tangents
+  y = softmax(x)
+  return y, y * (x_dot - (y * x_dot).sum(-1, keepdims=True))
+
+
+def drop_path(x, rate, rng):
+  """Stochastic depth: zero whole samples with probability `rate`, rescale the rest."""
+  if rate == 0.0 or rng is None:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+class MlpBlock(nn.Module):
+  """The block's feed-forward layer: Dense_0, GELU, Dense_1."""
+  config: ViTConfig
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    x = nn.Dense(c.mlp_dim, dtype=c.dtype, name='Dense_0')(x)
+    x = nn.gelu(x, approximate=c.approximate_gelu)
+    return nn.Dense(c.hidden_size, dtype=c.dtype, name='Dense_1')(x)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """Multi-head attention split into K/V of a sequence and queries attending to it.
+
+  Kernels keep the checkpoint's layout: query/key/value (D, H, D/H), out (H, D/H, D).
+  """
+  config: ViTConfig
+
+  def setup(self):
+    c = self.config
+    heads = (c.num_heads, c.head_dim)
+    self.query = nn.DenseGeneral(heads, dtype=c.dtype)
+    self.key = nn.DenseGeneral(heads, dtype=c.dtype)
+    self.value = nn.DenseGeneral(heads, dtype=c.dtype)
+    self.out = nn.DenseGeneral(c.hidden_size, axis=(-2, -1), dtype=c.dtype)
+
+  def kv(self, x):
+    """Keys and values of tokens `x` (B, N, D) -> two (B, N, H, D/H)."""
+    return self.key(x), self.value(x)
+
+  def attention_weights(self, x, k):
+    """Softmax weights (B, H, T, N) of tokens `x` (B, T, D) over keys `k`."""
+    q = self.query(x) * (self.config.head_dim ** -0.5)
+    logits = jnp.einsum('bthd,bnhd->bhtn', q, k)
+    return softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)))
+
+  def attend(self, x, k, v):
+    """Tokens `x` (B, T, D) attend to `k`, `v`; returns the output projection."""
+    weights = self.attention_weights(x, k).astype(v.dtype)
+    return self.out(jnp.einsum('bhtn,bnhd->bthd', weights, v))
+
+  def __call__(self, x):
+    return self.attend(x, *self.kv(x))
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-norm Transformer block: x + Attn(LN_0 x), then x + MLP(LN_2 x)."""
+  config: ViTConfig
+
+  def setup(self):
+    c = self.config
+    self.LayerNorm_0 = nn.LayerNorm(epsilon=BACKBONE_LN_EPS, dtype=c.dtype)
+    self.MultiHeadDotProductAttention_1 = MultiHeadDotProductAttention(c)
+    self.LayerNorm_2 = nn.LayerNorm(epsilon=BACKBONE_LN_EPS, dtype=c.dtype)
+    self.MlpBlock_3 = MlpBlock(c)
+
+  def image_kv(self, x):
+    """The keys and values this block's attention reads from image tokens `x`."""
+    return self.MultiHeadDotProductAttention_1.kv(self.LayerNorm_0(x))
+
+  def attend(self, x, k, v):
+    """Attention output for tokens `x` reading `k`, `v` (before the residual)."""
+    return self.MultiHeadDotProductAttention_1.attend(self.LayerNorm_0(x), k, v)
+
+  def attention_weights(self, x, k):
+    """Where tokens `x` look among the image tokens (for visualisation)."""
+    return self.MultiHeadDotProductAttention_1.attention_weights(
+        self.LayerNorm_0(x), k)
+
+  def mlp(self, x):
+    """MLP output for tokens `x` (before the residual)."""
+    return self.MlpBlock_3(self.LayerNorm_2(x))
+
+  def __call__(self, x, drop_rate=0.0, rngs=(None, None)):
+    """The ordinary block; `rngs` are the stochastic-depth keys of its two branches."""
+    x = x + drop_path(self.attend(x, *self.image_kv(x)), drop_rate, rngs[0])
+    return x + drop_path(self.mlp(x), drop_rate, rngs[1])
+
+
+class AddPositionEmbs(nn.Module):
+  """`posembed_input`: a learned (1, N, D) position embedding."""
+  config: ViTConfig
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    pos = self.param('pos_embedding', nn.initializers.normal(stddev=0.02),
+                     (1, c.num_tokens, c.hidden_size))
+    return x + pos.astype(x.dtype)
+
+
+class Encoder(nn.Module):
+  """`Transformer`: position embedding, the blocks, the final norm."""
+  config: ViTConfig
+
+  def setup(self):
+    c = self.config
+    self.posembed_input = AddPositionEmbs(c)
+    self.encoderblock = [Encoder1DBlock(c) for _ in range(c.num_layers)]
+    self.encoder_norm = nn.LayerNorm(epsilon=BACKBONE_LN_EPS, dtype=c.dtype)
+
+  def __call__(self, x):
+    """Embedded tokens (position embedding added, see `VisionTransformer.tokens`)."""
+    for block in self.encoderblock:
+      x = block(x)
+    return self.encoder_norm(x)
+
+
+class VisionTransformer(nn.Module):
+  """ViT with the checkpoint's names; `__call__` is the original classifier."""
+  config: ViTConfig
+
+  def setup(self):
+    c = self.config
+    self.embedding = nn.Conv(c.hidden_size, (c.patch_size, c.patch_size),
+                             strides=(c.patch_size, c.patch_size),
+                             padding='VALID', dtype=c.dtype)
+    self.cls = self.param('cls', nn.initializers.zeros, (1, 1, c.hidden_size))
+    self.Transformer = Encoder(c)
+    if c.representation_size is not None:
+      self.pre_logits = nn.Dense(c.representation_size, dtype=c.dtype)
+    if c.num_classes is not None:
+      self.head = nn.Dense(c.num_classes, dtype=c.dtype,
+                           kernel_init=nn.initializers.zeros)
+
+  @property
+  def blocks(self):
+    return self.Transformer.encoderblock
+
+  def tokens(self, images):
+    """Images (B, S, S, 3) -> patch tokens with class token and position embedding."""
+    x = self.embedding(images.astype(self.config.dtype))
+    b = x.shape[0]
+    x = x.reshape(b, -1, x.shape[-1])
+    cls = jnp.broadcast_to(self.cls.astype(x.dtype), (b, 1, x.shape[-1]))
+    return self.Transformer.posembed_input(jnp.concatenate([cls, x], axis=1))
+
+  def representation(self, x):
+    """`pre_logits` (Dense + tanh) where the checkpoint has one, else identity."""
+    if self.config.representation_size is None:
+      return x
+    return jnp.tanh(self.pre_logits(x))
+
+  def image_path(self, images, drop_rate=0.0, rng=None):
+    """The frozen image path: per-block (K, V) of the image tokens, no gradient.
+
+    Stochastic depth on block i uses rate `i * drop_rate / (L - 1)`, as timm.
+    Returns a list of L pairs of (B, N, H, D/H) arrays.
+    """
+    x = jax.lax.stop_gradient(self.tokens(images))
+    kvs = []
+    for i, block in enumerate(self.blocks):
+      k, v = jax.lax.stop_gradient(block.image_kv(x))
+      kvs.append((k, v))
+      if i + 1 < len(self.blocks):  # The last block's output is never read.
+        rate = block_drop_rate(i, len(self.blocks), drop_rate)
+        rngs = (None, None) if rng is None else tuple(
+            jax.random.split(jax.random.fold_in(rng, i)))
+        x = jax.lax.stop_gradient(
+            x + drop_path(block.attend(x, k, v), rate, rngs[0]))
+        x = jax.lax.stop_gradient(x + drop_path(block.mlp(x), rate, rngs[1]))
+    return kvs
+
+  def __call__(self, images):
+    """The pre-trained classifier: class token -> pre_logits -> head."""
+    x = self.representation(self.Transformer(self.tokens(images))[:, 0])
+    return self.head(x) if self.config.num_classes is not None else x
+
+
+def block_drop_rate(i, num_layers, rate):
+  """timm's linearly increasing stochastic depth: block i of L gets i * rate / (L-1)."""
+  return 0.0 if num_layers == 1 else i * rate / (num_layers - 1)

@@ -1,0 +1,222 @@
+"""SynQT: a trainable query-synthesis path beside a frozen ViT (see SYNQT_SPEC.md).
+
+The image path (`VisionTransformer.image_path`) runs under `stop_gradient` and hands
+out each block's keys/values. The query path makes T queries per block from
+learnable tokens, lets them read that block's K/V with the block's own frozen
+attention and MLP ("query-only" attention), and a head combines the 1 + 3L per-layer
+features into logits. Only `synqt` and `head` train.
+
+Parameter names follow the reference implementation (`qsm_block_3/attn/k_proj/fc1`
+for `synqt.qsm_block.3.attn.k_proj.mlp.fc1`) so `reference.py` converts by rule.
+"""
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from synqt_jax import models_vit
+
+# Every LayerNorm of the SynQT module uses PyTorch's default epsilon.
+SYNQT_LN_EPS = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class SynQTConfig:
+  """The reference's configurable values (defaults: its VTAB-1k recipe)."""
+  num_classes: int
+  token_nums: int = 4
+  attn_scale: float = 1.0
+  ffn_scale: float = 0.1
+  feat_scale: float = 0.1
+  dropout: float = 0.1  # Adapters, QSM attention, queries, combine block.
+  drop_path: float = 0.1  # Backbone stochastic depth (image and query paths).
+  head_drop_path: float = 0.3  # DropPath on the head's features j >= 1.
+  image_drop_path: bool = True  # False when training from a feature cache.
+
+
+def torch_linear_init(fan_in):
+  """PyTorch's nn.Linear initialisers: U(+-1/sqrt(fan_in)) for kernel and bias."""
+  bound = fan_in ** -0.5
+  uniform = lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+      key, shape, dtype, -bound, bound)
+  return dict(kernel_init=uniform, bias_init=uniform)
+
+
+def linear(features, fan_in, name, dtype):
+  return nn.Dense(features, name=name, dtype=dtype, **torch_linear_init(fan_in))
+
+
+def symmetric_uniform(key, shape, dtype=jnp.float32):
+  """U(-1, 1), the reference's initialisation of the learnable queries."""
+  return jax.random.uniform(key, shape, dtype, -1.0, 1.0)
+
+
+def layer_norm(name, dtype):
+  return nn.LayerNorm(epsilon=SYNQT_LN_EPS, name=name, dtype=dtype)
+
+
+def exact_gelu(x):
+  return nn.gelu(x, approximate=False)
+
+
+class Adapter(nn.Module):
+  """z + Drop(fc2(Drop(GELU(fc1(z))))), a bottleneck of width `hidden`."""
+  hidden: int
+  dropout: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, z, deterministic):
+    width = z.shape[-1]
+    drop = nn.Dropout(self.dropout, deterministic=deterministic)
+    h = drop(exact_gelu(linear(self.hidden, width, 'fc1', self.dtype)(z)))
+    return z + drop(linear(width, self.hidden, 'fc2', self.dtype)(h))
+
+
+class QSMAttention(nn.Module):
+  """Single-head attention among the T queries, with adapter projections."""
+  dropout: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, z, deterministic):
+    proj = functools.partial(Adapter, 8, 0.0, self.dtype)
+    a = layer_norm('q_norm', self.dtype)(z)
+    b = layer_norm('kv_norm', self.dtype)(z)
+    q = proj(name='q_proj')(a, deterministic)
+    k = proj(name='k_proj')(b, deterministic)
+    v = proj(name='v_proj')(b, deterministic)
+    drop = nn.Dropout(self.dropout, deterministic=deterministic)
+    attn = models_vit.softmax(q @ jnp.swapaxes(k, -1, -2) * z.shape[-1] ** -0.5)
+    return drop(proj(name='proj')(drop(attn) @ v, deterministic))
+
+
+class QSMBlock(nn.Module):
+  """Query-synthesis block: z + α·Attn(LN1 z), then z + β·Adapter(LN2 z)."""
+  config: SynQTConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, z, deterministic):
+    c = self.config
+    alpha = self.param('attn_scale', nn.initializers.constant(c.attn_scale), (1,))
+    beta = self.param('ffn_scale', nn.initializers.constant(c.ffn_scale), (1,))
+    h = layer_norm('norm1', self.dtype)(z)
+    z = z + QSMAttention(c.dropout, self.dtype, name='attn')(h, deterministic) * alpha
+    h = layer_norm('norm2', self.dtype)(z)
+    return z + Adapter(48, c.dropout, self.dtype, name='mlp')(h, deterministic) * beta
+
+
+class QuerySynthesis(nn.Module):
+  """`synqt`: the learnable queries, their synthesis, and the feature combiner."""
+  config: SynQTConfig
+  num_layers: int
+  width: int
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    c, L, D = self.config, self.num_layers, self.width
+    self.q = self.param('q', symmetric_uniform, (L, c.token_nums, D))
+    self.feat_scale = self.param(
+        'feat_scale', nn.initializers.constant(c.feat_scale), (1,))
+    self.prompt_ffn = [Adapter(48, c.dropout, self.dtype) for _ in range(L)]
+    self.qsm_block = [QSMBlock(c, self.dtype) for _ in range(L)]
+    self.prompt_drop = nn.Dropout(c.dropout)
+    self.out_norm = layer_norm(None, self.dtype)
+    self.mlp = Adapter(48, c.dropout, self.dtype)
+    self.combine = linear(3 * L, D, None, self.dtype)
+    self.combine_drop = nn.Dropout(c.dropout)
+    self.head_norm = layer_norm(None, self.dtype)
+
+  def queries(self, i, previous, batch, deterministic):
+    """Block i's T queries (B, T, D); `previous` is f_{i-1} (B, 1, D) or None."""
+    p = jnp.broadcast_to(self.q[i].astype(self.dtype), (batch,) + self.q.shape[1:])
+    if previous is not None:
+      p = p + self.feat_scale.astype(self.dtype) * previous
+    p = self.prompt_ffn[i](p, deterministic)
+    return self.prompt_drop(self.qsm_block[i](p, deterministic), deterministic)
+
+  def combine_features(self, features, deterministic):
+    """(B, 1+3L, D) features -> (B, D): adapter, tanh-gated weights, mean, head_norm."""
+    c = self.config
+    g = features + self.mlp(self.out_norm(features), deterministic)
+    if not deterministic and c.head_drop_path > 0:
+      keep = jax.random.bernoulli(self.make_rng('drop_path'), 1 - c.head_drop_path,
+                                  g.shape[:2] + (1,))
+      keep = keep.at[:, 0].set(True)  # g_0 is never dropped.
+      scale = jnp.where(jnp.arange(g.shape[1])[None, :, None] == 0,
+                        1.0, 1.0 / (1 - c.head_drop_path))
+      g = jnp.where(keep, g * scale.astype(g.dtype), 0)
+    w = exact_gelu(self.combine(g[:, 0]))
+    w = jnp.tanh(self.combine_drop(w, deterministic))
+    weights = jnp.concatenate([jnp.ones_like(w[:, :1]), w], axis=1)
+    return self.head_norm(jnp.mean(weights[..., None] * g, axis=1))
+
+
+class SynQTModel(nn.Module):
+  """Frozen `backbone` (the checkpoint's tree), trainable `synqt` and `head`.
+
+  The backbone is headless (`checkpoint.load(..., headless=True)`): as in the
+  reference, the pre-trained `pre_logits` and `head` take no part.
+
+  `__call__(images)` = `logits_from_kv(image_kv(images))`; the split lets a
+  feature cache feed stored K/V to the query path.
+  """
+  vit: models_vit.ViTConfig
+  config: SynQTConfig
+
+  def setup(self):
+    vit, c = self.vit, self.config
+    self.backbone = models_vit.VisionTransformer(vit)
+    self.synqt = QuerySynthesis(c, vit.num_layers, vit.hidden_size, vit.dtype)
+    self.head = linear(c.num_classes, vit.hidden_size, None, vit.dtype)
+
+  def image_kv(self, images, train=False):
+    """Per-block keys/values of the image tokens: (B, L, 2, N, H, D/H), no gradient."""
+    c = self.config
+    rate = c.drop_path if train and c.image_drop_path else 0.0
+    rng = self.make_rng('drop_path') if rate > 0 else None
+    kvs = self.backbone.image_path(images, rate, rng)
+    return jnp.stack([jnp.stack(kv, axis=1) for kv in kvs], axis=1)
+
+  def query_path(self, kv, train=False, with_attention=False):
+    """Runs the queries through every frozen block; returns the (B, 1+3L, D) features.
+
+    With `with_attention`, also the queries' attention over the image tokens,
+    (B, L, H, T, N), for visualisation.
+    """
+    c, num_layers = self.config, self.vit.num_layers
+    deterministic = not train
+    rng = self.make_rng('drop_path') if train and c.drop_path > 0 else None
+    previous, feats, attn_feats, mlp_feats, attentions = None, [], [], [], []
+    for i, block in enumerate(self.backbone.blocks):
+      k, v = kv[:, i, 0], kv[:, i, 1]
+      p = self.synqt.queries(i, previous, kv.shape[0], deterministic)
+      if with_attention:
+        attentions.append(block.attention_weights(p, k))
+      rate = models_vit.block_drop_rate(i, num_layers, c.drop_path)
+      rngs = (None, None) if rng is None else jax.random.split(
+          jax.random.fold_in(rng, i))
+      a = models_vit.drop_path(block.attend(p, k, v), rate, rngs[0])
+      p = p + a
+      m = models_vit.drop_path(block.mlp(p), rate, rngs[1])
+      p = p + m
+      p, a, m = (x.mean(axis=1, keepdims=True) for x in (p, a, m))
+      previous = p
+      feats.append(p)
+      attn_feats.append(a)
+      mlp_feats.append(m)
+    features = jnp.concatenate([feats[-1]] + feats + attn_feats + mlp_feats, axis=1)
+    if with_attention:
+      return features, jnp.stack(attentions, axis=1)
+    return features
+
+  def logits_from_kv(self, kv, train=False):
+    h = self.synqt.combine_features(self.query_path(kv, train), not train)
+    return self.head(h)
+
+  def __call__(self, images, train=False):
+    return self.logits_from_kv(self.image_kv(images, train), train)
