@@ -13,6 +13,7 @@ setup(
         'optax>=0.2.2',
         'orbax-checkpoint>=0.5.20',
         'tensorflow-datasets>=4.9.6',
+        'importlib_resources>=6.0',  # etils.epath needs it for TFDS download_and_prepare
         'numpy>=1.24',
         'ml-collections>=0.1.1',
         'absl-py>=1.4',      # launch.py flags (--config file.py:arg), as big_vision

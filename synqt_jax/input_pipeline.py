@@ -102,9 +102,7 @@ def validate_data_config(config) -> None:
           and image_size > 0):
     raise DataConfigError(
         f'data.image_size={image_size!r}; expected a positive int (224).')
-  if field('normalization') not in NORMALIZATIONS:
-    raise DataConfigError(f'data.normalization={config.normalization!r}; '
-                          f'expected one of {NORMALIZATIONS}.')
+  _check_normalization(field('normalization'))
   splits = {'train_split': field('train_split'),
             'test_split': field('test_split'),
             'val_split': getattr(config, 'val_split', None)}
@@ -137,13 +135,22 @@ def resize(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
 
 def normalize(images: np.ndarray, normalization: str) -> np.ndarray:
   """float32 images from uint8 ones, with the reference's float32 arithmetic."""
-  images = images.astype(np.float32)
+  _check_normalization(normalization)
+  images = images.astype(np.float32)  # In place from here on: big batches.
   if normalization == 'imagenet':
-    return (images / 255 - IMAGENET_MEAN) / IMAGENET_STD
-  if normalization == 'inception':
-    return (images - 127.5) / 127.5
-  raise DataConfigError(f'data.normalization={normalization!r}; expected one '
-                        f'of {NORMALIZATIONS}.')
+    images /= 255
+    images -= IMAGENET_MEAN
+    images /= IMAGENET_STD
+  else:
+    images -= 127.5
+    images /= 127.5
+  return images
+
+
+def _check_normalization(normalization: str) -> None:
+  if normalization not in NORMALIZATIONS:
+    raise DataConfigError(f'data.normalization={normalization!r}; expected '
+                          f'one of {NORMALIZATIONS}.')
 
 
 def _rgb(image: np.ndarray) -> np.ndarray:
@@ -269,8 +276,9 @@ def load_source(config, split: str, *, in_memory: bool = False) -> Source:
       keep them as uint8; meant for the ~1000 training images.
 
   Raises:
-    DataConfigError, tasks.UnknownTaskError, TfdsNotPreparedError, and
-    folders' errors for missing or bad folders, split files and images.
+    DataConfigError (bad field, unknown task or split), TfdsNotPreparedError
+    (with the steps to prepare), and folders' errors for missing or bad
+    folders, split files, images and labels.
   """
   validate_data_config(config)
   task = tasks.get_task(config.task)
@@ -298,6 +306,9 @@ def cache_in_memory(source: Source, num_threads: int | None = None
 
 
 def _tfds_data_source(task: tasks.Task, split: str, data_dir: str | None):
+  if split not in task.tfds_splits:
+    raise DataConfigError(f'Split {split!r}: TFDS tasks have the splits '
+                          f'{tuple(task.tfds_splits)}.')
   builder = tfds.builder(task.tfds_name, data_dir=data_dir)
   try:
     return builder.as_data_source(split=task.tfds_splits[split])
@@ -327,8 +338,9 @@ def _tfds_prepare_message(task: tasks.Task, builder) -> str:
   steps.append(
       'python -c "import tensorflow_datasets as tfds; '
       f'tfds.builder(\'{spec}\', data_dir=\'{data_dir}\', '
-      'file_format=\'array_record\').download_and_prepare()"\n     or, with the tfds command line (which '
-      'also needs `pip install apache-beam mlcroissant`):\n     '
+      'file_format=\'array_record\').download_and_prepare()"'
+      '\n     or, with the tfds command line (which also needs '
+      '`pip install apache-beam mlcroissant`):\n     '
       f'tfds build {spec} --data_dir={data_dir} --file_format=array_record')
   numbered = ''.join(f'\n  {i}. {step}' for i, step in enumerate(steps, 1))
   return (
@@ -438,9 +450,7 @@ def _batches(source, global_batch, index_stream, normalization, process_index,
         f'Global batch {global_batch} does not split evenly over '
         f'{process_count} processes x {local_device_count} local devices; '
         f'use a multiple of {process_count * local_device_count}.')
-  if normalization not in NORMALIZATIONS:
-    raise DataConfigError(f'data.normalization={normalization!r}; expected '
-                          f'one of {NORMALIZATIONS}.')
+  _check_normalization(normalization)
   if len(source) == 0:
     raise ValueError(f'{source.name} has no examples.')
   per_host = global_batch // process_count

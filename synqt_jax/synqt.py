@@ -174,6 +174,15 @@ class SynQTModel(nn.Module):
     self.synqt = QuerySynthesis(c, vit.num_layers, vit.hidden_size, vit.dtype)
     self.head = linear(c.num_classes, vit.hidden_size, None, vit.dtype)
 
+  def init_trainable(self):
+    """Touches every trainable module once, without the backbone (cheap `init`)."""
+    num_layers, width = self.vit.num_layers, self.vit.hidden_size
+    previous = jnp.zeros((1, 1, width), self.vit.dtype)
+    for i in range(num_layers):
+      self.synqt.queries(i, None if i == 0 else previous, 1, True)
+    features = jnp.zeros((1, 1 + 3 * num_layers, width), self.vit.dtype)
+    return self.head(self.synqt.combine_features(features, True))
+
   def image_kv(self, images, train=False):
     """Per-block keys/values of the image tokens: (B, L, 2, N, H, D/H), no gradient."""
     c = self.config

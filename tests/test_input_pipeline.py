@@ -330,6 +330,12 @@ def test_every_vtab_task_through_mocked_tfds(task_name, tmp_path):
   assert batch['image'].dtype == np.float32
 
 
+def test_unknown_tfds_split(tmp_path):
+  config = input_pipeline.default_data_config(root=str(tmp_path))
+  with pytest.raises(input_pipeline.DataConfigError, match="'validation'"):
+    input_pipeline.load_source(config, 'validation')
+
+
 def test_unprepared_tfds_dataset_says_how_to_prepare(tmp_path):
   config = input_pipeline.default_data_config(task='dtd', root=str(tmp_path))
   with pytest.raises(input_pipeline.TfdsNotPreparedError) as error:

@@ -1,0 +1,59 @@
+"""Tuning methods behind one functional interface, so one trainer serves them all.
+
+A method splits the parameters into `trainable` (optimised, checkpointed,
+exported) and `frozen` (the pre-trained backbone: never differentiated, never in
+the optimizer) and computes logits from both:
+
+  method.init(rng, frozen, images) -> trainable
+  method.apply(trainable, frozen, images, train=False, rngs=None) -> logits
+
+`frozen` is `{'backbone': <the checkpoint's tree>}` for every method; `rngs` maps
+Flax RNG streams ('dropout', 'drop_path') to keys in training.
+"""
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+
+from synqt_jax import models_vit
+from synqt_jax import synqt
+
+
+@dataclasses.dataclass(frozen=True)
+class SynQT:
+  """The paper's method: trainable `synqt` and `head` beside the frozen backbone."""
+  vit: models_vit.ViTConfig
+  config: synqt.SynQTConfig
+
+  @property
+  def model(self):
+    return synqt.SynQTModel(self.vit, self.config)
+
+  def init(self, rng, frozen, images):
+    """Fresh trainable parameters; `head_norm` starts from the encoder norm."""
+    del images  # The trainable modules' shapes follow from the configs.
+    trainable = jax.jit(functools.partial(
+        self.model.init, method=synqt.SynQTModel.init_trainable))(rng)['params']
+    trainable = dict(trainable)
+    encoder_norm = frozen['backbone']['Transformer']['encoder_norm']
+    trainable['synqt'] = {**trainable['synqt'], 'head_norm': dict(encoder_norm)}
+    return trainable
+
+  def apply(self, trainable, frozen, images, train=False, rngs=None):
+    return self.model.apply({'params': {**trainable, **frozen}}, images,
+                            train=train, rngs=rngs)
+
+  def image_kv(self, frozen, images):
+    """The per-block K/V of `images` (B, L, 2, N, H, D/H): what a feature cache stores."""
+    return self.model.apply({'params': frozen}, images,
+                            method=synqt.SynQTModel.image_kv)
+
+  def apply_kv(self, trainable, frozen, kv, train=False, rngs=None):
+    """Logits from stored K/V (image-path stochastic depth is necessarily off)."""
+    return self.model.apply({'params': {**trainable, **frozen}}, kv, train=train,
+                            rngs=rngs, method=synqt.SynQTModel.logits_from_kv)
+
+
+def trainable_count(trainable: Any) -> int:
+  return int(sum(x.size for x in jax.tree_util.tree_leaves(trainable)))
