@@ -102,6 +102,7 @@ def download(url, path):
     try:
       response = urllib.request.urlopen(url, timeout=60)
     except OSError as e:
+      os.close(fd)  # Not yet handed to os.fdopen below.
       raise CheckpointError(
           f'Could not download {url}: {e}. Check the network, or download the file '
           f'yourself and pass its local path.') from e

@@ -16,8 +16,10 @@ from typing import Any
 
 import jax
 
+from synqt_jax import baselines
 from synqt_jax import models_vit
 from synqt_jax import synqt
+from synqt_jax import tasks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +56,35 @@ class SynQT:
     return self.model.apply({'params': {**trainable, **frozen}}, kv, train=train,
                             rngs=rngs, method=synqt.SynQTModel.logits_from_kv)
 
+  def query_attention(self, trainable, frozen, images):
+    """Per-layer attention of the queries over the image tokens, (B, L, H, T, N)."""
+    return self.model.apply({'params': {**trainable, **frozen}}, images,
+                            method=synqt.SynQTModel.query_attention)
+
 
 def trainable_count(trainable: Any) -> int:
   return int(sum(x.size for x in jax.tree_util.tree_leaves(trainable)))
+
+
+METHODS = ('synqt', 'linear', 'full', 'lora')
+
+
+def create(name, vit: models_vit.ViTConfig, num_classes, synqt_options=None,
+           lora_rank=8):
+  """The method called `name` ('synqt', 'linear', 'full' or 'lora') for a ViT."""
+  if name == 'synqt':
+    return SynQT(vit, synqt.SynQTConfig(num_classes=num_classes,
+                                        **(synqt_options or {})))
+  if name == 'linear':
+    return baselines.LinearProbe(vit, num_classes)
+  if name == 'full':
+    return baselines.FullFineTune(vit, num_classes)
+  if name == 'lora':
+    return baselines.LoRA(vit, num_classes, rank=lora_rank, alpha=float(lora_rank))
+  raise ValueError(f'method={name!r}; expected one of {METHODS}.')
+
+
+def from_config(config, vit: models_vit.ViTConfig):
+  """The method `config.method` names, for the task `config.data.task`."""
+  return create(config.method, vit, tasks.get_task(config.data.task).num_classes,
+                synqt_options=config.synqt.to_dict())

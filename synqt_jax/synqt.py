@@ -16,11 +16,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from synqt_jax import models_vit
 
 # Every LayerNorm of the SynQT module uses PyTorch's default epsilon.
 SYNQT_LN_EPS = 1e-5
+IMAGE_PATH_MEMORY = ('keep_kv', 'recompute')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +37,16 @@ class SynQTConfig:
   drop_path: float = 0.1  # Backbone stochastic depth (image and query paths).
   head_drop_path: float = 0.3  # DropPath on the head's features j >= 1.
   image_drop_path: bool = True  # False when training from a feature cache.
+  # What online training keeps of the image path for the backward pass: every
+  # block's K/V ('keep_kv'), or only a few blocks' input tokens, re-running the
+  # image path segment by segment in the backward pass ('recompute': less
+  # memory, about twice the image-path compute).
+  image_path_memory: str = 'keep_kv'
+
+  def __post_init__(self):
+    if self.image_path_memory not in IMAGE_PATH_MEMORY:
+      raise ValueError(f'image_path_memory={self.image_path_memory!r}; '
+                       f'expected one of {IMAGE_PATH_MEMORY}.')
 
 
 def torch_linear_init(fan_in):
@@ -60,6 +72,19 @@ def layer_norm(name, dtype):
 
 def exact_gelu(x):
   return nn.gelu(x, approximate=False)
+
+
+# A block's attention logits and MLP activations are 3-4x the size of its
+# tokens; computed an eighth of the batch at a time they stay below it.
+RECOMPUTE_BATCH_CHUNKS = 8
+
+
+def _in_chunks(fn, *arrays):
+  """fn(*arrays) for a per-example fn, evaluated on consecutive batch chunks."""
+  size = arrays[0].shape[0]
+  bounds = np.linspace(0, size, min(size, RECOMPUTE_BATCH_CHUNKS) + 1).astype(int)
+  return jnp.concatenate([fn(*(a[lo:hi] for a in arrays))
+                          for lo, hi in zip(bounds[:-1], bounds[1:])])
 
 
 class Adapter(nn.Module):
@@ -197,35 +222,105 @@ class SynQTModel(nn.Module):
     With `with_attention`, also the queries' attention over the image tokens,
     (B, L, H, T, N), for visualisation.
     """
-    c, num_layers = self.config, self.vit.num_layers
-    deterministic = not train
-    rng = self.make_rng('drop_path') if train and c.drop_path > 0 else None
-    previous, feats, attn_feats, mlp_feats, attentions = None, [], [], [], []
-    for i, block in enumerate(self.backbone.blocks):
+    rng = self._query_drop_path_rng(train)
+    previous, outputs, attentions = None, [], []
+    for i in range(self.vit.num_layers):
       k, v = kv[:, i, 0], kv[:, i, 1]
-      p = self.synqt.queries(i, previous, kv.shape[0], deterministic)
+      p = self.synqt.queries(i, previous, kv.shape[0], not train)
       if with_attention:
-        attentions.append(block.attention_weights(p, k))
-      rate = models_vit.block_drop_rate(i, num_layers, c.drop_path)
-      rngs = (None, None) if rng is None else jax.random.split(
-          jax.random.fold_in(rng, i))
-      a = models_vit.drop_path(block.attend(p, k, v), rate, rngs[0])
-      p = p + a
-      m = models_vit.drop_path(block.mlp(p), rate, rngs[1])
-      p = p + m
-      p, a, m = (x.mean(axis=1, keepdims=True) for x in (p, a, m))
-      previous = p
-      feats.append(p)
-      attn_feats.append(a)
-      mlp_feats.append(m)
-    features = jnp.concatenate([feats[-1]] + feats + attn_feats + mlp_feats, axis=1)
+        attentions.append(self.backbone.blocks[i].attention_weights(p, k))
+      outputs.append(self.read_block(i, p, k, v, rng))
+      previous = outputs[-1][0]
+    features = self._features(outputs)
     if with_attention:
       return features, jnp.stack(attentions, axis=1)
     return features
+
+  def read_block(self, i, p, k, v, rng):
+    """Queries `p` through frozen block i reading its image K/V: (f_i, a_i, m_i)."""
+    block = self.backbone.blocks[i]
+    rate = models_vit.block_drop_rate(i, self.vit.num_layers, self.config.drop_path)
+    rngs = (None, None) if rng is None else jax.random.split(
+        jax.random.fold_in(rng, i))
+    a = models_vit.drop_path(block.attend(p, k, v), rate, rngs[0])
+    p = p + a
+    m = models_vit.drop_path(block.mlp(p), rate, rngs[1])
+    p = p + m
+    return tuple(x.mean(axis=1, keepdims=True) for x in (p, a, m))
+
+  def _query_drop_path_rng(self, train):
+    c = self.config
+    return self.make_rng('drop_path') if train and c.drop_path > 0 else None
+
+  def _features(self, outputs):
+    """[f_{L-1}, f_0..f_{L-1}, a_0..a_{L-1}, m_0..m_{L-1}] from per-block (f, a, m)."""
+    feats, attn_feats, mlp_feats = zip(*outputs)
+    return jnp.concatenate([feats[-1], *feats, *attn_feats, *mlp_feats], axis=1)
+
+  def features_recomputing_image_path(self, images, train=False):
+    """`query_path(image_kv(images))`, keeping little of the image path for backward.
+
+    Blocks run in segments of about sqrt(L) under `nn.remat`, and every block
+    under a nested `nn.remat`: the forward pass keeps only each segment's input
+    tokens; the backward pass of a segment re-runs its image path keeping each
+    block's input tokens, and the backward pass of a block recomputes only its
+    K/V from them. The image path's attention and MLP run an eighth of the
+    batch at a time, so their activations stay small. Same values and random
+    streams as the 'keep_kv' path, for about twice its image-path compute.
+    """
+    c, num_layers = self.config, self.vit.num_layers
+    image_rate = c.drop_path if train and c.image_drop_path else 0.0
+    image_rng = self.make_rng('drop_path') if image_rate > 0 else None
+    query_rng = self._query_drop_path_rng(train)
+    x = jax.lax.stop_gradient(self.backbone.tokens(images))
+    segment = max(1, round(num_layers ** 0.5))
+    run_segment = nn.remat(SynQTModel._recomputed_segment,
+                           static_argnums=(1, 2, 3))
+    previous, outputs = None, []
+    for start in range(0, num_layers, segment):
+      blocks = tuple(range(start, min(start + segment, num_layers)))
+      x, segment_outputs = run_segment(self, blocks, image_rate, train, x,
+                                       previous, image_rng, query_rng)
+      outputs += segment_outputs
+      previous = outputs[-1][0]
+    return self._features(outputs)
+
+  def _recomputed_segment(self, blocks, image_rate, train, x, previous,
+                          image_rng, query_rng):
+    """Both paths through `blocks`; returns the next tokens and the (f, a, m)s."""
+    run_block = nn.remat(SynQTModel._recomputed_block, static_argnums=(1, 2, 3))
+    outputs = []
+    for i in blocks:
+      x, output = run_block(self, i, image_rate, train, x, previous, image_rng,
+                            query_rng)
+      outputs.append(output)
+      previous = output[0]
+    return x, outputs
+
+  def _recomputed_block(self, i, image_rate, train, x, previous, image_rng,
+                        query_rng):
+    """Block i: the queries read its K/V; the image tokens advance (as image_path)."""
+    block = self.backbone.blocks[i]
+    k, v = block.image_kv(x)
+    p = self.synqt.queries(i, previous, x.shape[0], not train)
+    output = self.read_block(i, p, k, v, query_rng)
+    if i + 1 == self.vit.num_layers:  # As image_path: the last output is unused.
+      return x, output
+    rate = models_vit.block_drop_rate(i, self.vit.num_layers, image_rate)
+    rngs = (None, None) if image_rng is None else tuple(
+        jax.random.split(jax.random.fold_in(image_rng, i)))
+    # x + DropPath(Attn(LN x)), then x + DropPath(MLP(LN x)), each branch
+    # evaluated in batch chunks; the drop masks are drawn for the whole batch.
+    x = x + models_vit.drop_path(_in_chunks(block.attend, x, k, v), rate, rngs[0])
+    x = x + models_vit.drop_path(_in_chunks(block.mlp, x), rate, rngs[1])
+    return jax.lax.stop_gradient(x), output
 
   def logits_from_kv(self, kv, train=False):
     h = self.synqt.combine_features(self.query_path(kv, train), not train)
     return self.head(h)
 
   def __call__(self, images, train=False):
+    if self.config.image_path_memory == 'recompute':
+      features = self.features_recomputing_image_path(images, train)
+      return self.head(self.synqt.combine_features(features, not train))
     return self.logits_from_kv(self.image_kv(images, train), train)

@@ -1,0 +1,112 @@
+"""What the benchmarks share: each method's training step, built as the trainer builds it.
+
+The step is `train.train_step` under `jax.pmap` on one device, with the trainer's
+AdamW, so a figure here is a figure of a real run. `abstract=True` builds it from
+shapes alone (`jax.ShapeDtypeStruct`), enough for XLA's memory and cost analyses
+of ViT-B/16 without allocating its weights.
+"""
+import dataclasses
+import functools
+import json
+import platform
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import common as common_config
+from synqt_jax import checkpoint
+from synqt_jax import methods
+from synqt_jax import models_vit
+from synqt_jax import random_vit
+from synqt_jax import train
+
+# ViT-B/16 at 224, headless, as SynQT uses the ImageNet-21k checkpoint.
+VIT_B16 = models_vit.ViTConfig(hidden_size=768, num_layers=12, num_heads=12,
+                               mlp_dim=3072, patch_size=16, image_size=224)
+NUM_CLASSES = 100
+STEPS_PER_EPOCH = 16  # 1000 VTAB-1k training images in batches of 64.
+
+
+def parse_ints(text):
+  return [int(x) for x in text.split(',') if x]
+
+
+def learning_rate_schedule():
+  """The VTAB-1k recipe's schedule (its values do not change memory or speed)."""
+  return train.learning_rate_schedule(common_config.get_config().optim, STEPS_PER_EPOCH)
+
+
+def random_backbone(vit, seed=0):
+  """A random headless backbone tree of `vit`'s size, in the checkpoint layout."""
+  flat = random_vit.make(vit.hidden_size, vit.num_layers, vit.num_heads, vit.mlp_dim,
+                         vit.patch_size, vit.image_size, classes=1, pre_logits=False,
+                         seed=seed)
+  return checkpoint.nest({k: v for k, v in flat.items() if not k.startswith('head/')})
+
+
+def backbone_shapes(vit):
+  return checkpoint.nest({k: jax.ShapeDtypeStruct(shape, jnp.float32)
+                          for k, shape in checkpoint.expected_shapes(vit).items()})
+
+
+def method_inputs(name, vit, batch_size, num_classes=NUM_CLASSES, abstract=True):
+  """`(state, frozen, batch)` for `train.train_step`, each with a leading device axis.
+
+  Full fine-tuning holds the backbone once, in its trainable state (`frozen` = {}).
+  """
+  method = methods.create(name, vit, num_classes)
+  optimizer = train.create_optimizer(common_config.get_config().optim,
+                                     learning_rate_schedule())
+  backbone = backbone_shapes(vit) if abstract else random_backbone(vit)
+  frozen = {'backbone': backbone}
+
+  def initial_state(frozen):
+    params = method.init(jax.random.PRNGKey(0), frozen, None)
+    return train.TrainState.create(apply_fn=method.apply, params=params,
+                                   tx=optimizer, rng=jax.random.PRNGKey(1))
+
+  state = (jax.eval_shape(initial_state, frozen) if abstract
+           else jax.jit(initial_state)(frozen))
+  if name == 'full':
+    frozen = {}
+  s = vit.image_size
+  batch = {'image': ((batch_size, s, s, 3), jnp.float32),
+           'label': ((batch_size,), jnp.int32), 'mask': ((batch_size,), jnp.float32)}
+  if abstract:
+    batch = {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in batch.items()}
+  else:
+    rng = np.random.default_rng(0)
+    batch = {'image': rng.standard_normal(batch['image'][0], np.float32),
+             'label': rng.integers(0, num_classes, batch_size).astype(np.int32),
+             'mask': np.ones(batch_size, np.float32)}
+  return tuple(jax.tree.map(lambda x: device_axis(x, abstract), tree)
+               for tree in (state, frozen, batch))
+
+
+def device_axis(x, abstract):
+  if abstract:
+    return jax.ShapeDtypeStruct((1,) + tuple(x.shape), x.dtype)
+  return jax.device_put(np.asarray(x)[None], jax.local_devices()[0])
+
+
+def compiled_step(name, vit, batch_size, abstract=True):
+  """The compiled pmapped train step of method `name` and its inputs."""
+  inputs = method_inputs(name, vit, batch_size, abstract=abstract)
+  step = jax.pmap(functools.partial(train.train_step,
+                                    learning_rate_fn=learning_rate_schedule()),
+                  axis_name=train.AXIS, donate_argnums=(0,),
+                  devices=jax.local_devices()[:1])
+  return step.lower(*inputs).compile(), inputs
+
+
+def backend_description():
+  device = jax.local_devices()[0]
+  return {'backend': jax.default_backend(), 'device': device.device_kind,
+          'machine': platform.processor() or platform.machine(),
+          'jax': jax.__version__}
+
+
+def write_json(path, data):
+  with open(path, 'w') as f:
+    json.dump(data, f, indent=2, default=lambda o: dataclasses.asdict(o))

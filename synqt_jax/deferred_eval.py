@@ -1,0 +1,75 @@
+"""Scores many parameter sets against one backbone pass over an evaluation set.
+
+Evaluating every N epochs costs a full backbone pass over the test set each
+time. The backbone is frozen, so a test image's per-block K/V are the same at
+every evaluation point: keep the trainable parameters of each point (they are
+small) and score all of them at the end, computing each batch's K/V once and
+running only the query path per parameter set. The counts are those of
+separate evaluations (same batches, same mask, same sums); it works the same
+after online and cached training.
+"""
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import flax.jax_utils
+import jax
+import jax.numpy as jnp
+
+from synqt_jax import input_pipeline
+
+AXIS = 'batch'
+
+
+@dataclasses.dataclass(frozen=True)
+class Scores:
+  """Correct predictions of each parameter set among `count` examples."""
+  correct: tuple[int, ...]
+  count: int
+
+  @property
+  def accuracies(self) -> tuple[float, ...]:
+    return tuple(c / self.count for c in self.correct)
+
+
+def evaluate(method, frozen, parameter_sets: Sequence[Any],
+             source: input_pipeline.Source, global_batch: int, *,
+             normalization: str, num_threads: int | None = None) -> Scores:
+  """Scores every trainable tree in `parameter_sets` on all of `source`.
+
+  Args:
+    method: a `methods.SynQT`.
+    frozen: the frozen parameters replicated over the local devices, as the
+      trainer holds them (`flax.jax_utils.replicate`).
+    parameter_sets: unreplicated trainable trees, e.g. one per evaluation
+      epoch (host copies: `jax.device_get(unreplicate(state.params))`).
+    source: the evaluation split; read once, in order.
+    global_batch: examples per step over all hosts and devices.
+    normalization: the data config's normalization.
+    num_threads: threads that decode images (default: one per core).
+  """
+  image_kv, score = _pmapped(method)
+  replicated = [flax.jax_utils.replicate(p) for p in parameter_sets]
+  counts = []
+  for batch in input_pipeline.eval_batches(source, global_batch,
+                                           normalization=normalization,
+                                           num_threads=num_threads):
+    kv = image_kv(frozen, batch['image'])
+    counts.append([score(params, frozen, kv, batch['label'], batch['mask'])
+                   for params in replicated])
+  counts = jax.device_get(counts)  # One transfer at the end: no sync per batch.
+  correct = tuple(int(sum(step[i]['correct'][0] for step in counts))
+                  for i in range(len(replicated)))
+  return Scores(correct, int(sum(step[0]['count'][0] for step in counts)))
+
+
+@functools.lru_cache(maxsize=None)
+def _pmapped(method):
+  """(image_kv, score) under pmap, compiled once per method."""
+
+  def score(trainable, frozen, kv, label, mask):
+    logits = method.apply_kv(trainable, frozen, kv)
+    correct = (jnp.argmax(logits, -1) == label) * mask
+    return jax.lax.psum({'correct': correct.sum(), 'count': mask.sum()}, AXIS)
+
+  return jax.pmap(method.image_kv), jax.pmap(score, axis_name=AXIS)

@@ -1,0 +1,399 @@
+"""The image path's per-block K/V of a training split, computed once and read every epoch.
+
+SynQT's image path holds no trainable value. With no augmentation (the VTAB-1k
+recipe) and no stochastic depth on the image path, an image's per-block keys
+and values are the same every epoch, so `build` computes them once (batched,
+pmapped over the local devices, with a progress bar) and `FeatureCache.batches`
+serves exactly the batches `input_pipeline.train_batches` would -- same order,
+same padding and mask, same [local_devices, per_device, ...] layout -- with
+'kv' (B, L, 2, N, H, D/H) in place of 'image'. A training step then runs only
+the query path (`methods.SynQT.apply_kv`).
+
+Where the K/V live (`mode`):
+  'host': a numpy array in host RAM.
+  'disk': a memory-mapped .npy file in `directory`, written batch by batch, so
+    sets larger than RAM work (the OS pages rows in as batches read them).
+  'device': accelerator memory, sharded over all devices: device d (pmap
+    order) holds rows [d*s, (d+1)*s). A batch is gathered by a pmapped
+    reduce-scatter: every device contributes the rows of the global batch it
+    owns (zeros elsewhere) and `psum_scatter` hands each device exactly its
+    slice of the batch, so no device ever holds more than its shard plus one
+    batch.
+
+With a `directory`, the cache is kept there and reused by later runs in any
+mode while its fingerprint matches (see `fingerprint`); a mismatch or an
+interrupted build rebuilds it and logs why.
+
+Rows: row i < n holds example i; row n holds the K/V of the all-zero image that
+`train_batches` puts in padding rows (mask 0). `train_indices` marks padding
+with -1, and index -1 reads row n, so cached batches equal online ones row for
+row, padding included.
+"""
+import dataclasses
+import functools
+import hashlib
+import itertools
+import json
+import os
+from typing import Any, Iterator
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from synqt_jax import checkpoint
+from synqt_jax import input_pipeline
+
+FORMAT_VERSION = 1
+MODES = ('host', 'disk', 'device')
+STORAGE_DTYPES = {'float32': np.dtype(np.float32),
+                  'bfloat16': np.dtype(jnp.bfloat16)}
+AXIS = 'feature_cache'  # The pmapped axis of building and gathering.
+
+
+def backbone_digest(frozen) -> str:
+  """Content digest of the frozen backbone as loaded (unreplicated), for `fingerprint`.
+
+  The values, not the checkpoint file's path, size and mtime: one pass over the
+  weights (about a second for ViT-B) buys a fingerprint that survives a moved
+  or re-downloaded checkpoint, catches a file rewritten at the same size, and
+  covers what loading changes (the position embedding resized to the data's
+  image size).
+  """
+  return checkpoint.digest(checkpoint.flatten(jax.device_get(frozen['backbone'])))
+
+
+def fingerprint(*, backbone_digest: str, vit, data_config, split: str
+                ) -> dict[str, Any]:
+  """What the cached values depend on, field by field (JSON values).
+
+  `build` adds the storage dtype, the number of examples and the format
+  version. Args: the `backbone_digest` of the frozen backbone, its ViTConfig,
+  the data config (`input_pipeline.default_data_config`) and the cached split.
+  """
+  fields = {'backbone_digest': backbone_digest, 'split': split}
+  for name in ('source', 'task', 'root', 'image_size', 'normalization'):
+    fields[f'data.{name}'] = getattr(data_config, name)
+  for field in dataclasses.fields(vit):
+    value = getattr(vit, field.name)
+    is_json = isinstance(value, (str, int, float, bool, type(None)))
+    fields[f'vit.{field.name}'] = value if is_json else np.dtype(value).name
+  return fields
+
+
+def build(method, frozen, source: input_pipeline.Source, *, normalization: str,
+          mode: str = 'host', storage_dtype: str = 'float32',
+          batch_size: int = 64, directory: str | None = None,
+          name: str = 'train', fingerprint: dict[str, Any] | None = None
+          ) -> 'FeatureCache':
+  """The K/V cache of `source`: reused from `directory` when it matches, else built.
+
+  Args:
+    method: a `methods.SynQT` (its `image_kv` computes the rows).
+    frozen: the frozen parameters replicated over the local devices, as the
+      trainer holds them (`flax.jax_utils.replicate`).
+    source: the training split, best in memory.
+    normalization: the data config's normalization.
+    mode: 'host', 'disk' or 'device' (module docstring).
+    storage_dtype: 'float32' (bit-exact) or 'bfloat16' (half the memory).
+    batch_size: images per build step, a multiple of the local device count.
+    directory: where the cache is kept and reused; required for 'disk'.
+    name: file stem in `directory` (e.g. the split).
+    fingerprint: `fingerprint(...)` of the inputs; required with `directory`.
+  """
+  if mode not in MODES:
+    raise ValueError(f'mode={mode!r}; expected one of {MODES}.')
+  if storage_dtype not in STORAGE_DTYPES:
+    raise ValueError(f'storage_dtype={storage_dtype!r}; expected one of '
+                     f'{tuple(STORAGE_DTYPES)}.')
+  if mode == 'disk' and directory is None:
+    raise ValueError("mode='disk' needs a directory for the cache file.")
+  if directory is not None and fingerprint is None:
+    raise ValueError('A cache kept in a directory needs a fingerprint.')
+  vit = method.vit
+  shape = (len(source) + 1, vit.num_layers, 2, vit.num_tokens, vit.num_heads,
+           vit.head_dim)
+  dtype = STORAGE_DTYPES[storage_dtype]
+  fill = functools.partial(_write_rows, method, frozen, source, normalization,
+                           batch_size)
+  if directory is None:
+    kv = np.empty(shape, dtype)
+    labels = fill(kv)
+    provenance = 'built in memory'
+  else:
+    record = dict(fingerprint, storage_dtype=storage_dtype,
+                  num_examples=len(source), format_version=FORMAT_VERSION)
+    kv, labels, provenance = _disk_cache(_Files(directory, name), record,
+                                         shape, dtype, fill)
+  logging.info('Feature cache of %s (%s, %s, %.2f GB): %s.', source.name, mode,
+               storage_dtype, kv.nbytes / 1e9, provenance)
+  if mode == 'device':
+    return DeviceFeatureCache(kv, labels, provenance)
+  if mode == 'host' and isinstance(kv, np.memmap):
+    kv = np.array(kv)
+  return HostFeatureCache(kv, labels, provenance)
+
+
+class FeatureCache:
+  """Labels and the batch order of a cache; subclasses say where the K/V are."""
+
+  def __init__(self, labels: np.ndarray, provenance: str):
+    self.labels = labels  # (n + 1,) int32; the padding row's label is 0.
+    self.num_examples = len(labels) - 1
+    self.provenance = provenance  # 'built ...', 'reused ...' or 'rebuilt: ...'.
+
+  @property
+  def nbytes(self) -> int:
+    raise NotImplementedError
+
+  def batches(self, global_batch: int, *, seed: int, start_step: int = 0,
+              num_steps: int | None = None, process_index: int | None = None,
+              process_count: int | None = None,
+              local_device_count: int | None = None,
+              prefetch: int = 2) -> Iterator[dict[str, Any]]:
+    """`input_pipeline.train_batches` of the cached split, with 'kv' for 'image'.
+
+    Same arguments and batches: {'kv': [D, b, L, 2, N, H, D/H] in the storage
+    dtype, 'label': int32 [D, b], 'mask': float32 [D, b]}, from global step
+    `start_step` on.
+    """
+    layout = _Layout.of(global_batch, process_index, process_count,
+                        local_device_count)
+    steps = (itertools.count(start_step) if num_steps is None
+             else range(start_step, start_step + num_steps))
+
+    def host_batches():
+      for step in steps:
+        indices = input_pipeline.train_indices(self.num_examples, global_batch,
+                                               seed, step)
+        rows = indices[layout.host_rows]
+        yield {'kv': self._kv(indices, rows, layout),
+               **layout.per_device({'label': self.labels[rows],
+                                    'mask': (rows >= 0).astype(np.float32)})}
+
+    # pylint: disable-next=protected-access
+    return input_pipeline._prefetch(host_batches(), prefetch)
+
+  def _kv(self, indices, rows, layout):
+    """This host's [D, b, ...] K/V of global batch `indices` (its `rows`)."""
+    raise NotImplementedError
+
+
+class HostFeatureCache(FeatureCache):
+  """Rows in host RAM or a memory-mapped file: (n + 1, L, 2, N, H, D/H)."""
+
+  def __init__(self, kv: np.ndarray, labels: np.ndarray, provenance: str):
+    super().__init__(labels, provenance)
+    self.kv = kv
+
+  @property
+  def nbytes(self) -> int:
+    return self.kv.nbytes
+
+  def _kv(self, indices, rows, layout):
+    return layout.per_device({'kv': self.kv[rows]})['kv']
+
+
+class DeviceFeatureCache(FeatureCache):
+  """Rows sharded over every device of every host (module docstring)."""
+
+  def __init__(self, kv: np.ndarray, labels: np.ndarray, provenance: str):
+    super().__init__(labels, provenance)
+    devices = jax.local_devices()
+    rows_per_device = -(-len(kv) // jax.device_count())
+    first = jax.process_index() * len(devices)  # pmap's global device order.
+    shards = []
+    for j, device in enumerate(devices):
+      start = (first + j) * rows_per_device
+      shard = np.zeros((1, rows_per_device) + kv.shape[1:], kv.dtype)
+      rows = kv[start:start + rows_per_device]
+      shard[0, :len(rows)] = rows
+      shards.append(jax.device_put(shard, device))
+    mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
+    self.shards = jax.make_array_from_single_device_arrays(
+        (len(devices), rows_per_device) + kv.shape[1:],
+        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS)),
+        shards)
+    self._gather = jax.pmap(
+        functools.partial(_gather_rows, padding_row=self.num_examples),
+        axis_name=AXIS, in_axes=(0, None))
+
+  @property
+  def nbytes(self) -> int:
+    return self.shards.nbytes
+
+  def _kv(self, indices, rows, layout):
+    del rows, layout  # Each device receives its own slice of the global batch.
+    return self._gather(self.shards, indices.astype(np.int32))
+
+
+def _gather_rows(shard, indices, padding_row):
+  """Under pmap: this device's slice of the global batch's rows.
+
+  `indices` (B,) are global row numbers, -1 for padding (row `padding_row`).
+  Each device takes the rows its shard holds, zeros for the rest, and the
+  reduce-scatter sums over devices (one non-zero term per row: exact in any
+  dtype) and keeps B / devices rows here.
+  """
+  rows_here = shard.shape[0]
+  local = (jnp.where(indices < 0, padding_row, indices)
+           - jax.lax.axis_index(AXIS) * rows_here)
+  owned = (local >= 0) & (local < rows_here)
+  rows = shard[jnp.clip(local, 0, rows_here - 1)]
+  rows = jnp.where(owned.reshape((-1,) + (1,) * (rows.ndim - 1)), rows, 0)
+  return jax.lax.psum_scatter(rows, AXIS, scatter_dimension=0, tiled=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """This host's rows of a global batch and their per-device shape."""
+  host_rows: slice
+  local_device_count: int
+
+  @classmethod
+  def of(cls, global_batch, process_index, process_count, local_device_count):
+    """Defaults from jax, checked as `train_batches` checks them."""
+    if process_index is None:
+      process_index = jax.process_index()
+    if process_count is None:
+      process_count = jax.process_count()
+    if local_device_count is None:
+      local_device_count = jax.local_device_count()
+    if not 0 <= process_index < process_count:
+      raise ValueError(f'process_index {process_index} is not in '
+                       f'0..{process_count - 1}.')
+    if global_batch % (process_count * local_device_count):
+      raise ValueError(
+          f'Global batch {global_batch} does not split evenly over '
+          f'{process_count} processes x {local_device_count} local devices.')
+    per_host = global_batch // process_count
+    return cls(slice(process_index * per_host, (process_index + 1) * per_host),
+               local_device_count)
+
+  def per_device(self, arrays):
+    return {k: v.reshape((self.local_device_count, -1) + v.shape[1:])
+            for k, v in arrays.items()}
+
+
+class _WithPaddingImage(input_pipeline.Source):
+  """`source` plus one last example: the all-zero image, label 0 (padding)."""
+
+  def __init__(self, source):
+    super().__init__(source.name, source.num_classes, source.image_size)
+    self._source = source
+
+  def __len__(self):
+    return len(self._source) + 1
+
+  def __getitem__(self, index):
+    if index == len(self._source):
+      size = self.image_size
+      return np.zeros((size, size, 3), np.uint8), 0
+    return self._source[index]
+
+
+def _write_rows(method, frozen, source, normalization, batch_size, out):
+  """Fills `out` (n + 1 rows) with the K/V of `source` and the padding image.
+
+  Returns the n + 1 labels. Batch k + 1 is dispatched before batch k is
+  copied out, so the host copy overlaps the device's work.
+  """
+  examples = _WithPaddingImage(source)
+  image_kv = _pmapped_image_kv(method, np.dtype(out.dtype).name)
+  labels = np.zeros(len(examples), np.int32)
+  batches = input_pipeline.eval_batches(
+      examples, batch_size, normalization=normalization, process_index=0,
+      process_count=1)
+  with tqdm.tqdm(total=len(examples), unit='images',
+                 desc=f'Caching K/V of {source.name}') as bar:
+
+    def store(start, kv, label):
+      stop = min(start + batch_size, len(examples))
+      out[start:stop] = np.asarray(kv).reshape((-1,) + kv.shape[2:])[:stop - start]
+      labels[start:stop] = label.reshape(-1)[:stop - start]
+      bar.update(stop - start)
+
+    pending = None
+    for start, batch in zip(range(0, len(examples), batch_size), batches):
+      kv = image_kv(frozen, batch['image'])
+      if pending is not None:
+        store(*pending)
+      pending = (start, kv, batch['label'])
+    store(*pending)
+  return labels
+
+
+@functools.lru_cache(maxsize=None)
+def _pmapped_image_kv(method, dtype_name):
+  return jax.pmap(lambda frozen, images: method.image_kv(frozen, images)
+                  .astype(dtype_name), axis_name=AXIS)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Files:
+  """A disk cache: K/V rows (.kv.npy), labels (.labels.npy), record (.json)."""
+  directory: str
+  name: str
+
+  def path(self, suffix):
+    return os.path.join(self.directory, self.name + suffix)
+
+
+def _disk_cache(files, record, shape, dtype, fill):
+  """(kv memmap, labels, provenance): the cache in `files` if `record` matches.
+
+  Otherwise (re)builds it: the record is removed first and written last, and
+  the rows go to a '.partial' file renamed into place, so an interrupted build
+  is never taken for a complete one.
+  """
+  digest = _sha256(record)
+  reason = _mismatch(files, record, digest)
+  if reason is None:
+    return (np.load(files.path('.kv.npy'), mmap_mode='r').view(dtype),
+            np.load(files.path('.labels.npy')),
+            f'reused {files.path(".kv.npy")} (fingerprint {digest[:12]})')
+  logging.info('Feature cache %s: %s.', files.path('.kv.npy'), reason)
+  os.makedirs(files.directory, exist_ok=True)
+  if os.path.exists(files.path('.json')):
+    os.remove(files.path('.json'))
+  partial = files.path('.kv.npy.partial')
+  bits = np.lib.format.open_memmap(partial, mode='w+', shape=shape,
+                                   dtype=_file_dtype(dtype))
+  labels = fill(bits.view(dtype))
+  bits.flush()
+  del bits
+  os.replace(partial, files.path('.kv.npy'))
+  np.save(files.path('.labels.npy'), labels)
+  with open(files.path('.json.partial'), 'w') as f:
+    json.dump({'fingerprint': digest, 'fields': record}, f, indent=1,
+              sort_keys=True)
+  os.replace(files.path('.json.partial'), files.path('.json'))
+  kv = np.load(files.path('.kv.npy'), mmap_mode='r').view(dtype)
+  return kv, labels, reason
+
+
+def _mismatch(files, record, digest):
+  """None if `files` hold a complete cache of `record`, else why not."""
+  if not os.path.exists(files.path('.json')):
+    if os.path.exists(files.path('.kv.npy.partial')):
+      return 'building (the last build was interrupted)'
+    return 'building (no cache yet)'
+  with open(files.path('.json')) as f:
+    stored = json.load(f)
+  if stored['fingerprint'] == digest:
+    return None
+  old = stored['fields']
+  changes = [f'{k} {old.get(k)!r} -> {record.get(k)!r}'
+             for k in sorted(set(old) | set(record)) if old.get(k) != record.get(k)]
+  return 'rebuilding, the inputs changed: ' + '; '.join(changes)
+
+
+def _sha256(record):
+  return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def _file_dtype(dtype):
+  """What the .npy header can name: bfloat16 rows are stored as their uint16 bits."""
+  return np.dtype(np.uint16) if dtype == STORAGE_DTYPES['bfloat16'] else dtype

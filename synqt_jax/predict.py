@@ -1,0 +1,66 @@
+"""Classifies image files with a trained workdir or an export.
+
+  python launch.py predict --export runs/cifar100/export.npz cat.jpg dog.png
+"""
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from synqt_jax import export
+from synqt_jax import folders
+from synqt_jax import input_pipeline
+from synqt_jax import train
+
+
+def export_path(workdir=None, export_file=None):
+  """The export to use: `export_file`, or the one a finished run left in `workdir`."""
+  if (workdir is None) == (export_file is None):
+    raise ValueError('Give either a workdir or an export file.')
+  if export_file is not None:
+    return export_file
+  path = os.path.join(workdir, 'export.npz')
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f'{workdir!r} has no export.npz: the run has not finished. Run '
+        'launch.py with this workdir again to finish it.')
+  return path
+
+
+class Predictor:
+  """An export's model, rebuilt on its backbone checkpoint.
+
+  Args:
+    path: the export file.
+    checkpoint_source: the backbone to use instead of the one the export
+      names (e.g. a local copy of ViT-B_16.npz).
+  """
+
+  def __init__(self, path, checkpoint_source=None):
+    self.params, self.metadata = export.load(path)
+    config = ml_collections.ConfigDict(self.metadata['config'])
+    if checkpoint_source:
+      config.checkpoint.source = checkpoint_source
+    self.config = config
+    self.method, self.frozen = train.create_method(config)
+    self._apply = jax.jit(self.method.apply)
+
+  def probabilities(self, images):
+    """Class probabilities [N, C] for uint8 images [N, S, S, 3] (already resized)."""
+    images = input_pipeline.normalize(images, self.config.data.normalization)
+    logits = self._apply(self.params, self.frozen, images)
+    return np.asarray(jax.nn.softmax(logits.astype(np.float32)))
+
+  def classify(self, image_paths, top_k=5, batch_size=64):
+    """[(path, [(label, probability), ...])], the top `top_k` labels per image."""
+    size = self.config.data.image_size
+    results = []
+    for start in range(0, len(image_paths), batch_size):
+      paths = image_paths[start:start + batch_size]
+      images = np.stack([input_pipeline.resize(folders.load_image(p), size)
+                         for p in paths])
+      for path, probs in zip(paths, self.probabilities(images)):
+        top = np.argsort(-probs, kind='stable')[:top_k]
+        results.append((path, [(int(i), float(probs[i])) for i in top]))
+    return results

@@ -1,0 +1,124 @@
+"""The configs: every task's reference values, and bad fields caught before compute."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import fgvc
+from configs import tiny
+from configs import vtab1k
+from synqt_jax import config_validation
+from synqt_jax import input_pipeline
+from synqt_jax import methods
+from synqt_jax import models_vit
+from synqt_jax import tasks
+from synqt_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_every_vtab_task_has_a_config_with_the_reference_values():
+  assert set(vtab1k.HPARAMS) == set(tasks.VTAB_TASKS)
+  for task in tasks.VTAB_TASKS:
+    config = vtab1k.get_config(task)
+    config_validation.validate(config)
+    assert config.data.task == task
+    synqt = config.synqt
+    assert (synqt.token_nums, synqt.attn_scale, synqt.ffn_scale,
+            synqt.feat_scale) == vtab1k.HPARAMS[task]
+    assert config.optim.to_dict() == dict(
+        lr=1e-3, weight_decay=1e-2, b1=0.9, b2=0.999, eps=1e-8, batch_size=64,
+        epochs=50, warmup_epochs=10, min_lr=1e-6)
+    assert (synqt.dropout, synqt.drop_path, synqt.head_drop_path) == (
+        0.1, 0.1, 0.3)
+    assert config.seed == 42 and config.eval_every_epochs == 10
+    assert config.data.normalization == 'imagenet'
+    assert config.data.image_size == 224
+
+
+def test_reference_names_and_aliases_select_vtab_tasks():
+  assert vtab1k.get_config('cifar').data.task == 'cifar100'
+  assert vtab1k.get_config('kitti').synqt.token_nums == 16
+  assert vtab1k.get_config('svhn_cropped').synqt.ffn_scale == 1.0
+  with pytest.raises(ValueError, match='fgvc.py'):
+    vtab1k.get_config('cub200')
+
+
+@pytest.mark.parametrize('task', tasks.FGVC_TASKS)
+def test_fgvc_configs_read_prepared_folders(task, tmp_path):
+  config = fgvc.get_config(task)
+  with pytest.raises(input_pipeline.DataConfigError, match='data.root'):
+    config_validation.validate(config)  # The folder must be given.
+  config.data.root = str(tmp_path)
+  config_validation.validate(config)
+  assert (config.data.source, config.data.train_split) == ('folder',
+                                                           'train+val')
+
+
+def test_tiny_config_is_valid_once_the_workdir_is_filled_in(tmp_path):
+  config = train.resolve_workdir_paths(tiny.get_config(), tmp_path)
+  assert config.checkpoint.source == os.path.join(tmp_path, 'tiny_vit.npz')
+  assert config.data.root == os.path.join(tmp_path, 'tiny_data')
+  config_validation.validate(config)
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('method', 'prompt', 'config.method'),
+    ('optim.lr', -1.0, 'config.optim.lr'),
+    ('optim.min_lr', 1.0, 'config.optim.min_lr'),
+    ('optim.b2', 1.0, 'config.optim.b2'),
+    ('optim.batch_size', 0, 'config.optim.batch_size'),
+    ('optim.epochs', 0, 'config.optim.epochs'),
+    ('optim.warmup_epochs', 60, 'config.optim.warmup_epochs'),
+    ('synqt.token_nums', 0, 'config.synqt.token_nums'),
+    ('synqt.dropout', 1.0, 'config.synqt.dropout'),
+    ('train.feature_cache', 'disk', 'config.train.feature_cache'),
+    ('eval_every_epochs', 0, 'config.eval_every_epochs'),
+    ('keep_checkpoints', 0, 'config.keep_checkpoints'),
+    ('seed', -1, 'config.seed'),
+    ('dtype', 'float16', 'config.dtype'),
+    ('checkpoint.source', '', 'config.checkpoint.source'),
+    ('data.normalization', 'none', 'data.normalization'),
+    ('data.task', 'cifar1000', 'data.task'),
+])
+def test_bad_fields_are_named(field, value, message):
+  config = vtab1k.get_config('cifar100')
+  section, _, name = field.rpartition('.')
+  target = config[section] if section else config
+  target[name] = value
+  with pytest.raises(ValueError, match=message.replace('.', r'\.')):
+    config_validation.validate(config)
+
+
+def test_batches_must_split_over_the_devices():
+  config = vtab1k.get_config('dtd')
+  config_validation.validate_device_split(config, 8)
+  with pytest.raises(config_validation.ConfigError,
+                     match=r'config\.optim\.batch_size=64; expected a multiple '
+                           'of the 3 devices'):
+    config_validation.validate_device_split(config, 3)
+
+
+def test_method_factory():
+  vit = models_vit.ViTConfig(32, 2, 2, 64, 8, 32)
+  method = methods.from_config(vtab1k.get_config('eurosat'), vit)
+  assert isinstance(method, methods.SynQT)
+  assert method.config.num_classes == 10 and method.config.token_nums == 16
+  config = vtab1k.get_config('eurosat')
+  config.method = 'prompt'
+  with pytest.raises(ValueError, match="method='prompt'"):
+    methods.from_config(config, vit)
+
+
+def test_launch_rejects_a_bad_override_before_any_compute(tmp_path):
+  workdir = tmp_path / 'run'
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'launch.py'),
+       '--config', os.path.join(REPO, 'configs', 'tiny.py'),
+       '--workdir', str(workdir), '--config.optim.warmup_epochs=11'],
+      capture_output=True, text=True, timeout=120,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert result.returncode != 0
+  assert 'config.optim.warmup_epochs=11' in result.stderr
+  assert not workdir.exists()
