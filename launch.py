@@ -23,6 +23,11 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from synqt_jax import checkpoint
+from synqt_jax import config_validation
+from synqt_jax import export
+from synqt_jax import folders
+from synqt_jax import input_pipeline
 from synqt_jax import predict as predict_lib
 from synqt_jax import train as train_lib
 
@@ -46,6 +51,13 @@ _NUM_PROCESSES = flags.DEFINE_integer(
     'num_processes', None, 'Multi-host: number of processes.')
 _PROCESS_ID = flags.DEFINE_integer(
     'process_id', None, 'Multi-host: this process\'s index.')
+
+
+# Errors whose message says what to fix: shown without a traceback.
+SETUP_ERRORS = (config_validation.ConfigError, input_pipeline.DataConfigError,
+                input_pipeline.TfdsNotPreparedError, checkpoint.CheckpointError,
+                folders.FolderNotFoundError, folders.SplitFileError,
+                folders.MissingImageError)
 
 
 def initialize_distributed():
@@ -72,14 +84,20 @@ def train(argv):
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError('Training needs --config and --workdir.')
   initialize_distributed()
-  train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except SETUP_ERRORS as e:
+    raise SystemExit(f'Error: {e}') from e
 
 
 def predict(image_paths):
   if not image_paths:
     raise app.UsageError('predict needs image files.')
-  path = predict_lib.export_path(_WORKDIR.value, _EXPORT.value)
-  predictor = predict_lib.Predictor(path, _CHECKPOINT.value)
+  try:
+    path = predict_lib.export_path(_WORKDIR.value, _EXPORT.value)
+    predictor = predict_lib.Predictor(path, _CHECKPOINT.value)
+  except (*SETUP_ERRORS, FileNotFoundError, export.ExportError) as e:
+    raise SystemExit(f'Error: {e}') from e
   for image_path, top in predictor.classify(image_paths, _TOP_K.value):
     labels = '  '.join(f'{label}:{prob:.3f}' for label, prob in top)
     print(f'{image_path}\t{labels}')

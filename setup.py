@@ -20,6 +20,7 @@ setup(
         'tqdm>=4.66',        # progress bars for downloads, cache builds, training
         'Pillow>=10.0',      # bicubic resize identical to the reference's torchvision/PIL
         'clu>=0.0.12',       # TensorBoard metric writers
+        'tensorboard>=2.16', # clu's SummaryWriter imports it (and TensorFlow)
         'matplotlib>=3.7',   # benchmark plots and notebook figures
     ],
     extras_require={

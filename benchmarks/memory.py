@@ -18,9 +18,7 @@ import sys
 from absl import app
 from absl import flags
 import jax
-import matplotlib
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import matplotlib.pyplot as plt
 
 from benchmarks import common
 from synqt_jax import methods

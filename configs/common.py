@@ -28,7 +28,11 @@ def get_config():
 
   config.synqt = ml_collections.ConfigDict(dict(
       token_nums=4, attn_scale=1.0, ffn_scale=0.1, feat_scale=0.1,
-      dropout=0.1, drop_path=0.1, head_drop_path=0.3))
+      dropout=0.1, drop_path=0.1, head_drop_path=0.3,
+      # What online training keeps of the image path for the backward pass:
+      # 'keep_kv' (every block's K/V) or 'recompute' (far less memory, about
+      # twice the image-path compute; see synqt_jax/image_path_memory.py).
+      image_path_memory='keep_kv'))
 
   # AdamW (decoupled weight decay on every trainable tensor), learning rate
   # per step: linear warm-up from 0, then half-cycle cosine to min_lr.
@@ -36,8 +40,17 @@ def get_config():
       lr=1e-3, weight_decay=1e-2, b1=0.9, b2=0.999, eps=1e-8,
       batch_size=64, epochs=50, warmup_epochs=10, min_lr=1e-6))
 
+  # feature_cache: 'none' (online), or the training split's image-path K/V
+  # computed once and kept in 'host' RAM, on 'disk' (memory-mapped) or on
+  # 'device' (sharded), in cache_dtype ('float32' exact, 'bfloat16' half the
+  # memory); kept in <workdir>/feature_cache/ and reused while its fingerprint
+  # matches. Stochastic depth on the image path is then off (the query path
+  # keeps synqt.drop_path). SynQT only.
+  # deferred_eval: keep the trainable parameters of each evaluation point and
+  # score them all at the end with one backbone pass (SynQT only).
   config.train = ml_collections.ConfigDict(dict(
-      feature_cache='none', log_every_steps=10))
+      feature_cache='none', cache_dtype='float32', deferred_eval=False,
+      log_every_steps=10))
   config.eval_every_epochs = 10  # The reference scores test every 10 epochs.
   config.eval_batch_size = 256
   config.checkpoint_every_steps = 200

@@ -1,4 +1,4 @@
-"""A tiny offline run: random 2-block ViT, generated 32x32 images, CPU-fast.
+"""A tiny offline run: a random 1-block ViT, generated 32x32 images, ~30 s on a CPU.
 
   python launch.py --config configs/tiny.py --workdir runs/tiny
 
@@ -19,7 +19,7 @@ def get_config():
                           root='{workdir}/tiny_data', image_size=32,
                           normalization='inception'))
   config.demo = ml_collections.ConfigDict(dict(
-      width=32, depth=2, heads=2, mlp=64, patch=8, scale=0.1, seed=0,
+      width=32, depth=1, heads=2, mlp=64, patch=8, scale=0.1, seed=0,
       train_examples=320, test_examples=200))
   config.optim.update(dict(batch_size=32, epochs=10, warmup_epochs=2,
                            lr=3e-3))

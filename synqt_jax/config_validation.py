@@ -8,7 +8,9 @@ from synqt_jax import input_pipeline
 from synqt_jax import methods
 
 DTYPES = ('float32', 'bfloat16')
-FEATURE_CACHES = ('none',)
+FEATURE_CACHES = ('none', 'device', 'host', 'disk')
+CACHE_DTYPES = ('float32', 'bfloat16')
+IMAGE_PATH_MEMORY = ('keep_kv', 'recompute')
 
 
 class ConfigError(ValueError):
@@ -65,6 +67,8 @@ def validate(config) -> None:
     _check(config, f'synqt.{scale}', _is_real, 'a number')
   for rate in ('dropout', 'drop_path', 'head_drop_path'):
     _check(config, f'synqt.{rate}', _fraction, 'a rate in [0, 1)')
+  _check(config, 'synqt.image_path_memory', lambda x: x in IMAGE_PATH_MEMORY,
+         f'one of {IMAGE_PATH_MEMORY}')
 
   optim = _get(config, 'optim')
   _check(config, 'optim.lr', lambda x: _is_real(x) and x > 0, 'a number > 0')
@@ -83,6 +87,19 @@ def validate(config) -> None:
 
   _check(config, 'train.feature_cache', lambda x: x in FEATURE_CACHES,
          f'one of {FEATURE_CACHES}')
+  _check(config, 'train.cache_dtype', lambda x: x in CACHE_DTYPES,
+         f'one of {CACHE_DTYPES}')
+  _check(config, 'train.deferred_eval', lambda x: isinstance(x, bool),
+         'True or False')
+  # Both read the image path's K/V apart from the query path: SynQT only.
+  method = _get(config, 'method')
+  _check(config, 'train.feature_cache',
+         lambda x: x == 'none' or method == 'synqt',
+         f"'none' with method={method!r} (a feature cache serves 'synqt' only)")
+  _check(config, 'train.deferred_eval',
+         lambda x: not x or method == 'synqt',
+         f"False with method={method!r} (deferred evaluation serves 'synqt' "
+         'only)')
   for name in ('train.log_every_steps', 'eval_every_epochs', 'eval_batch_size',
                'checkpoint_every_steps', 'keep_checkpoints'):
     _check(config, name, _positive_int, 'a positive int')

@@ -48,6 +48,7 @@ def save(path, params, meta: dict) -> None:
   try:
     with os.fdopen(fd, 'wb') as f:
       np.savez(f, **arrays)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; an export is to share.
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):

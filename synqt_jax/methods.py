@@ -17,6 +17,7 @@ from typing import Any
 import jax
 
 from synqt_jax import baselines
+from synqt_jax import image_path_memory
 from synqt_jax import models_vit
 from synqt_jax import synqt
 from synqt_jax import tasks
@@ -43,6 +44,9 @@ class SynQT:
     return trainable
 
   def apply(self, trainable, frozen, images, train=False, rngs=None):
+    if train and self.config.image_path_memory == 'recompute':
+      return image_path_memory.training_logits(self, trainable, frozen, images,
+                                               rngs)
     return self.model.apply({'params': {**trainable, **frozen}}, images,
                             train=train, rngs=rngs)
 

@@ -10,6 +10,18 @@ import os
 import jax
 
 
+def metric_writers():
+  """clu.metric_writers, imported only when used: it imports TensorFlow."""
+  try:
+    from clu import metric_writers as writers  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(
+        f'TensorBoard event files need TensorFlow and TensorBoard ({e}): '
+        '`pip install tensorflow-cpu tensorboard`, or set '
+        '--config.tensorboard=False.') from e
+  return writers
+
+
 class MetricsLog:
   """Writes on process 0 only; the other processes' calls do nothing."""
 
@@ -22,9 +34,8 @@ class MetricsLog:
     self._truncate_after(resume_step)
     self._file = open(self._path, 'a')
     if tensorboard:
-      from clu import metric_writers  # Imports TensorFlow: only when used.
-      self._writer = metric_writers.AsyncWriter(
-          metric_writers.SummaryWriter(workdir))
+      writers = metric_writers()
+      self._writer = writers.AsyncWriter(writers.SummaryWriter(workdir))
 
   def _truncate_after(self, step: int) -> None:
     if not os.path.exists(self._path):

@@ -38,9 +38,9 @@ class SynQTConfig:
   head_drop_path: float = 0.3  # DropPath on the head's features j >= 1.
   image_drop_path: bool = True  # False when training from a feature cache.
   # What online training keeps of the image path for the backward pass: every
-  # block's K/V ('keep_kv'), or only a few blocks' input tokens, re-running the
-  # image path segment by segment in the backward pass ('recompute': less
-  # memory, about twice the image-path compute).
+  # block's K/V ('keep_kv'), or a few blocks' input tokens, re-running the
+  # image path in the backward pass ('recompute', see image_path_memory.py:
+  # far less memory, about twice the image-path compute).
   image_path_memory: str = 'keep_kv'
 
   def __post_init__(self):
@@ -76,15 +76,31 @@ def exact_gelu(x):
 
 # A block's attention logits and MLP activations are 3-4x the size of its
 # tokens; computed an eighth of the batch at a time they stay below it.
-RECOMPUTE_BATCH_CHUNKS = 8
+IMAGE_PATH_BATCH_CHUNKS = 8
+
+
+def after(value, tree):
+  """`value`, made to wait for `tree` (a data dependency that no compiler drops).
+
+  Adds 0 * (a float read from `tree`): compilers keep 0 * y for floating-point
+  y, as it is NaN for infinite y. Gradients do not flow into `tree`.
+  """
+  leaves = [jnp.ravel(leaf)[0].astype(value.dtype)
+            for leaf in jax.tree.leaves(jax.lax.stop_gradient(tree))]
+  return value + 0 * sum(leaves)
 
 
 def _in_chunks(fn, *arrays):
-  """fn(*arrays) for a per-example fn, evaluated on consecutive batch chunks."""
+  """fn(*arrays) for a per-example fn, one batch chunk after the other."""
   size = arrays[0].shape[0]
-  bounds = np.linspace(0, size, min(size, RECOMPUTE_BATCH_CHUNKS) + 1).astype(int)
-  return jnp.concatenate([fn(*(a[lo:hi] for a in arrays))
-                          for lo, hi in zip(bounds[:-1], bounds[1:])])
+  bounds = np.linspace(0, size, min(size, IMAGE_PATH_BATCH_CHUNKS) + 1).astype(int)
+  outputs = []
+  for lo, hi in zip(bounds[:-1], bounds[1:]):
+    chunk = [a[lo:hi] for a in arrays]
+    if outputs:  # Sequential: one chunk's activations alive at a time.
+      chunk[0] = after(chunk[0], outputs[-1])
+    outputs.append(fn(*chunk))
+  return jnp.concatenate(outputs)
 
 
 class Adapter(nn.Module):
@@ -257,70 +273,55 @@ class SynQTModel(nn.Module):
     feats, attn_feats, mlp_feats = zip(*outputs)
     return jnp.concatenate([feats[-1], *feats, *attn_feats, *mlp_feats], axis=1)
 
-  def features_recomputing_image_path(self, images, train=False):
-    """`query_path(image_kv(images))`, keeping little of the image path for backward.
+  def image_tokens_and_drop_path_keys(self, images, train=False):
+    """The image path's input tokens and the image/query stochastic-depth keys.
 
-    Blocks run in segments of about sqrt(L) under `nn.remat`, and every block
-    under a nested `nn.remat`: the forward pass keeps only each segment's input
-    tokens; the backward pass of a segment re-runs its image path keeping each
-    block's input tokens, and the backward pass of a block recomputes only its
-    K/V from them. The image path's attention and MLP run an eighth of the
-    batch at a time, so their activations stay small. Same values and random
-    streams as the 'keep_kv' path, for about twice its image-path compute.
+    The keys are drawn in the order `__call__` draws them, so a forward pass
+    assembled from `image_and_query_block` has the same drop masks.
     """
-    c, num_layers = self.config, self.vit.num_layers
+    c = self.config
     image_rate = c.drop_path if train and c.image_drop_path else 0.0
     image_rng = self.make_rng('drop_path') if image_rate > 0 else None
     query_rng = self._query_drop_path_rng(train)
-    x = jax.lax.stop_gradient(self.backbone.tokens(images))
-    segment = max(1, round(num_layers ** 0.5))
-    run_segment = nn.remat(SynQTModel._recomputed_segment,
-                           static_argnums=(1, 2, 3))
-    previous, outputs = None, []
-    for start in range(0, num_layers, segment):
-      blocks = tuple(range(start, min(start + segment, num_layers)))
-      x, segment_outputs = run_segment(self, blocks, image_rate, train, x,
-                                       previous, image_rng, query_rng)
-      outputs += segment_outputs
-      previous = outputs[-1][0]
-    return self._features(outputs)
+    tokens = jax.lax.stop_gradient(self.backbone.tokens(images))
+    return tokens, image_rng, query_rng
 
-  def _recomputed_segment(self, blocks, image_rate, train, x, previous,
-                          image_rng, query_rng):
-    """Both paths through `blocks`; returns the next tokens and the (f, a, m)s."""
-    run_block = nn.remat(SynQTModel._recomputed_block, static_argnums=(1, 2, 3))
-    outputs = []
-    for i in blocks:
-      x, output = run_block(self, i, image_rate, train, x, previous, image_rng,
-                            query_rng)
-      outputs.append(output)
-      previous = output[0]
-    return x, outputs
+  def image_and_query_block(self, i, x, previous, image_rng, query_rng,
+                            train=False):
+    """Block i of both paths from its input tokens `x` (B, N, D).
 
-  def _recomputed_block(self, i, image_rate, train, x, previous, image_rng,
-                        query_rng):
-    """Block i: the queries read its K/V; the image tokens advance (as image_path)."""
-    block = self.backbone.blocks[i]
+    The queries read the block's K/V (`read_block`); the tokens advance as in
+    `image_path`, an eighth of the batch at a time so that the attention and
+    MLP activations stay small (the drop masks are drawn for the whole batch).
+    Returns the next tokens and (f_i, a_i, m_i).
+    """
+    c, block = self.config, self.backbone.blocks[i]
     k, v = block.image_kv(x)
     p = self.synqt.queries(i, previous, x.shape[0], not train)
     output = self.read_block(i, p, k, v, query_rng)
     if i + 1 == self.vit.num_layers:  # As image_path: the last output is unused.
       return x, output
+    image_rate = c.drop_path if train and c.image_drop_path else 0.0
     rate = models_vit.block_drop_rate(i, self.vit.num_layers, image_rate)
     rngs = (None, None) if image_rng is None else tuple(
         jax.random.split(jax.random.fold_in(image_rng, i)))
-    # x + DropPath(Attn(LN x)), then x + DropPath(MLP(LN x)), each branch
-    # evaluated in batch chunks; the drop masks are drawn for the whole batch.
-    x = x + models_vit.drop_path(_in_chunks(block.attend, x, k, v), rate, rngs[0])
-    x = x + models_vit.drop_path(_in_chunks(block.mlp, x), rate, rngs[1])
+    # DropPath as a per-example scale, so that each residual branch is added
+    # chunk by chunk: 0 or 1 / (1 - rate), the masks of `models_vit.drop_path`.
+    ones = jnp.ones((x.shape[0], 1, 1), x.dtype)
+    attn_scale, mlp_scale = (models_vit.drop_path(ones, rate, r) for r in rngs)
+    x = _in_chunks(lambda x, k, v, s: x + s * block.attend(x, k, v),
+                   x, k, v, attn_scale)
+    x = _in_chunks(lambda x, s: x + s * block.mlp(x), x, mlp_scale)
     return jax.lax.stop_gradient(x), output
+
+  def logits_from_block_outputs(self, outputs, train=False):
+    """Logits from the L per-block (f_i, a_i, m_i) of the query path."""
+    features = self._features(outputs)
+    return self.head(self.synqt.combine_features(features, not train))
 
   def logits_from_kv(self, kv, train=False):
     h = self.synqt.combine_features(self.query_path(kv, train), not train)
     return self.head(h)
 
   def __call__(self, images, train=False):
-    if self.config.image_path_memory == 'recompute':
-      features = self.features_recomputing_image_path(images, train)
-      return self.head(self.synqt.combine_features(features, not train))
     return self.logits_from_kv(self.image_kv(images, train), train)

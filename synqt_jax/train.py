@@ -8,10 +8,21 @@ eight GPUs and a pod slice. Everything random is a function of (seed, step),
 and the workdir's checkpoints hold the whole training state, so running again
 on the same workdir resumes exactly where the last checkpoint left off.
 
+With `train.feature_cache` (SynQT only) the training split's image-path K/V
+are computed once (`feature_cache.build`, kept in <workdir>/feature_cache/ and
+reused while their fingerprint matches) and every step runs only the query
+path on cached batches; the batches depend only on (seed, step), as online.
+With `train.deferred_eval` (SynQT only) the trainable parameters of each
+evaluation point are kept (<workdir>/deferred_eval/*.npz, listed in the
+checkpoint metadata) and scored together at the end with one backbone pass
+per evaluation split (`deferred_eval.evaluate`): same accuracies, same
+results.json.
+
 Workdir contents: config.json, checkpoints/ (orbax), metrics.jsonl and
 TensorBoard events, results.json and export.npz (the trained task parameters)
-when done.
+when done; feature_cache/ and deferred_eval/ when those are on.
 """
+import dataclasses
 import functools
 import json
 import os
@@ -22,6 +33,7 @@ from absl import logging
 from flax.training import train_state
 import jax
 from jax.experimental import multihost_utils
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -29,8 +41,10 @@ import tqdm
 
 from synqt_jax import checkpoint
 from synqt_jax import config_validation
+from synqt_jax import deferred_eval
 from synqt_jax import demo
 from synqt_jax import export
+from synqt_jax import feature_cache
 from synqt_jax import input_pipeline
 from synqt_jax import methods
 from synqt_jax import metrics_log
@@ -57,13 +71,22 @@ def resolve_workdir_paths(config, workdir):
 
 
 def create_method(config):
-  """(method, frozen) for `config`: the backbone is loaded headless."""
+  """(method, frozen) for `config`: the backbone is loaded headless.
+
+  With a feature cache the image path has no stochastic depth (its cached K/V
+  are computed once, without it): SynQTConfig.image_drop_path=False.
+  """
   vit, backbone = checkpoint.load(
       config.checkpoint.source, image_size=config.data.image_size,
       collection=config.checkpoint.collection,
       cache_dir=config.checkpoint.cache_dir, headless=True,
       dtype=DTYPES[config.dtype])
-  return methods.from_config(config, vit), {'backbone': backbone}
+  method = methods.from_config(config, vit)
+  if config.train.feature_cache != 'none':
+    method = dataclasses.replace(
+        method, config=dataclasses.replace(method.config,
+                                           image_drop_path=False))
+  return method, {'backbone': backbone}
 
 
 def learning_rate_schedule(optim, steps_per_epoch):
@@ -121,7 +144,18 @@ def unreplicate(tree):
 
 
 def logits_of(apply_fn, params, frozen, batch, train, rngs=None):
-  """The model's logits for a batch; the one place that reads its inputs."""
+  """The model's logits for a batch; the one place that reads its inputs.
+
+  A batch holds 'image' (online: `apply_fn`, a method's `apply`) or 'kv'
+  (cached image-path K/V, `feature_cache`: the `apply_kv` of the method that
+  `apply_fn` is bound to, which runs only the query path).
+  """
+  if 'kv' in batch:
+    method = getattr(apply_fn, '__self__', None)
+    if not hasattr(method, 'apply_kv'):
+      raise ValueError('A batch of cached K/V needs a method with apply_kv '
+                       f'(SynQT); got apply_fn={apply_fn!r}.')
+    return method.apply_kv(params, frozen, batch['kv'], train=train, rngs=rngs)
   return apply_fn(params, frozen, batch['image'], train=train, rngs=rngs)
 
 
@@ -146,7 +180,10 @@ def train_step(state, frozen, batch, learning_rate_fn):
     return jnp.sum(batch['mask'] * losses) / global_count
 
   local_loss, local_grads = jax.value_and_grad(loss_fn)(state.params)
-  loss, grads = jax.lax.psum((local_loss, local_grads), AXIS)
+  # One all-reduce for the whole gradient, not one per tensor.
+  local_flat, unflatten = jax.flatten_util.ravel_pytree(local_grads)
+  loss, flat_grads = jax.lax.psum((local_loss, local_flat), AXIS)
+  grads = unflatten(flat_grads)
   metrics = {'loss': loss, 'learning_rate': learning_rate_fn(state.step)}
   return state.apply_gradients(grads=grads), metrics
 
@@ -214,6 +251,67 @@ def results_summary(config, evaluations, trainable_params):
   }
 
 
+def build_feature_cache(config, workdir, method, frozen, replicated_frozen,
+                        train_source):
+  """The training split's K/V cache (config.train.feature_cache), in <workdir>/feature_cache/."""
+  logging.info(
+      "Feature cache '%s' (%s): stochastic depth on the image path is off "
+      '(its K/V are computed once, without it); the query path keeps its '
+      'drop path (synqt.drop_path=%s) as configured.',
+      config.train.feature_cache, config.train.cache_dtype,
+      config.synqt.drop_path)
+  fingerprint = feature_cache.fingerprint(
+      backbone_digest=feature_cache.backbone_digest(frozen), vit=method.vit,
+      data_config=config.data, split=config.data.train_split)
+  cache = feature_cache.build(
+      method, replicated_frozen, train_source,
+      normalization=config.data.normalization,
+      mode=config.train.feature_cache,
+      storage_dtype=config.train.cache_dtype,
+      batch_size=config.eval_batch_size,
+      directory=os.path.join(os.path.abspath(workdir), 'feature_cache'),
+      name='train', fingerprint=fingerprint)
+  logging.info('Feature cache: %s.', cache.provenance)
+  return cache
+
+
+def _kept_params_path(workdir, step):
+  """Where the trainable parameters of the evaluation point at `step` are kept.
+
+  One file per process, so hosts sharing a workdir never write the same file.
+  """
+  return os.path.join(os.path.abspath(workdir), 'deferred_eval',
+                      f'step_{step}.process_{jax.process_index()}.npz')
+
+
+def keep_params(workdir, point, params):
+  """Writes the parameters of evaluation `point` ({'step', 'epoch'}) to the workdir."""
+  path = _kept_params_path(workdir, point['step'])
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  export.save(path, params, dict(point))
+
+
+def evaluate_deferred(method, frozen, points, kept, workdir, eval_sources,
+                      config):
+  """The evaluations of `points`, as separate evaluations would give them.
+
+  `kept` maps step -> parameters held in memory; the rest (a resumed run's
+  earlier points) are read from the workdir. One backbone pass per split.
+  """
+  parameter_sets = [
+      kept[p['step']] if p['step'] in kept
+      else export.load(_kept_params_path(workdir, p['step']))[0]
+      for p in points]
+  evaluations = [{'step': p['step'], 'epoch': p['epoch']} for p in points]
+  for name, source in eval_sources.items():
+    scores = deferred_eval.evaluate(
+        method, frozen, parameter_sets, source, config.eval_batch_size,
+        normalization=config.data.normalization)
+    for evaluation, accuracy in zip(evaluations, scores.accuracies):
+      evaluation[f'{name}_accuracy'] = accuracy
+  return evaluations
+
+
 def _write_json(path, data):
   if jax.process_index() == 0:
     with open(path, 'w') as f:
@@ -261,14 +359,23 @@ def train_and_evaluate(config, workdir):
       config.keep_checkpoints)
   restored = checkpoints.restore_latest(state)
   evaluations = []
+  deferred = []  # Evaluation points ({'step', 'epoch'}) not yet scored.
+  kept = {}  # step -> trainable parameters (host numpy) of deferred points.
   if restored is not None:
     state, metadata = restored
     evaluations = metadata['evaluations']
+    deferred = metadata.get('deferred_evaluations', [])
     logging.info('Resuming from the checkpoint at step %d.', int(state.step))
   start_step = int(state.step)
 
+  unreplicated_frozen = frozen
   frozen = replicate(frozen)
   p_state = replicate(state)
+  cache = None
+  if config.train.feature_cache != 'none':
+    cache = build_feature_cache(config, workdir, method, unreplicated_frozen,
+                                frozen, train_source)
+  del unreplicated_frozen
   p_train_step = jax.pmap(
       functools.partial(train_step, learning_rate_fn=learning_rate_fn),
       axis_name=AXIS, donate_argnums=(0,))
@@ -277,10 +384,15 @@ def train_and_evaluate(config, workdir):
   metrics = metrics_log.MetricsLog(workdir, start_step, config.tensorboard)
   preemption = Preemption()
 
-  batches = input_pipeline.train_batches(
-      train_source, config.optim.batch_size, seed=config.seed,
-      normalization=config.data.normalization, start_step=start_step,
-      num_steps=total_steps - start_step)
+  if cache is not None:
+    batches = cache.batches(config.optim.batch_size, seed=config.seed,
+                            start_step=start_step,
+                            num_steps=total_steps - start_step)
+  else:
+    batches = input_pipeline.train_batches(
+        train_source, config.optim.batch_size, seed=config.seed,
+        normalization=config.data.normalization, start_step=start_step,
+        num_steps=total_steps - start_step)
   pending = []  # (step, device metrics) not yet written: no per-step sync.
   window_start = time.perf_counter()
   bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step',
@@ -318,24 +430,44 @@ def train_and_evaluate(config, workdir):
           end_of_epoch == 0 and epoch % config.eval_every_epochs == 0):
         write_pending()
         evaluation = {'step': done, 'epoch': epoch}
-        for name, source in eval_sources.items():
-          evaluation[f'{name}_accuracy'] = evaluate(
-              p_eval_step, p_state.params, frozen, source, config)
-        evaluations.append(evaluation)
-        metrics.write(done, {k: v for k, v in evaluation.items()
-                             if k != 'step'})
-        logging.info('Epoch %d: %s', epoch, evaluation)
+        if config.train.deferred_eval:
+          # A copy: the next step donates the replicated buffers.
+          kept[done] = jax.tree.map(np.array, unreplicate(p_state.params))
+          keep_params(workdir, evaluation, kept[done])
+          deferred.append(evaluation)
+          logging.info('Epoch %d: parameters kept for the deferred '
+                       'evaluation.', epoch)
+        else:
+          for name, source in eval_sources.items():
+            evaluation[f'{name}_accuracy'] = evaluate(
+                p_eval_step, p_state.params, frozen, source, config)
+          evaluations.append(evaluation)
+          metrics.write(done, {k: v for k, v in evaluation.items()
+                               if k != 'step'})
+          logging.info('Epoch %d: %s', epoch, evaluation)
       preempted = preemption.requested()
       if (done % config.checkpoint_every_steps == 0 or done == total_steps
           or preempted):
         write_pending()
         metrics.flush()
         checkpoints.save(done, unreplicate(p_state),
-                         {'data_position': done, 'evaluations': evaluations})
+                         {'data_position': done, 'evaluations': evaluations,
+                          'deferred_evaluations': deferred})
       if preempted:
         logging.warning('SIGTERM: saved the checkpoint at step %d; exiting. '
                         'Run again with the same workdir to resume.', done)
         return None
+    if deferred:
+      logging.info('Deferred evaluation of %d parameter sets (steps %s).',
+                   len(deferred), [p['step'] for p in deferred])
+      scored = evaluate_deferred(method, frozen, deferred, kept, workdir,
+                                 eval_sources, config)
+      for evaluation in scored:
+        metrics.write(evaluation['step'], {k: v for k, v in evaluation.items()
+                                           if k != 'step'})
+        logging.info('Epoch %d: %s', evaluation['epoch'], evaluation)
+      evaluations = sorted(evaluations + scored, key=lambda e: e['step'])
+      metrics.flush()
   finally:
     batches.close()
     bar.close()

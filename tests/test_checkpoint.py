@@ -409,8 +409,10 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 
 @pytest.fixture
-def http_server(tmp_path):
+def http_server(tmp_path, monkeypatch):
   """A local HTTP server on 127.0.0.1 serving `server.root` (a tmp dir)."""
+  for var in ('no_proxy', 'NO_PROXY'):  # Never through a proxy from the environment.
+    monkeypatch.setenv(var, '127.0.0.1,localhost')
   root = tmp_path / 'www'
   root.mkdir()
   server = http.server.ThreadingHTTPServer(

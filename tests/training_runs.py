@@ -19,8 +19,12 @@ from configs import tiny
 from synqt_jax import export
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# LLVM -O0 halves XLA's compile time on CPU, and compiling is most of what
+# these tests do. Set before jax starts its backend (a user's XLA_FLAGS wins).
+os.environ.setdefault('XLA_FLAGS', '--xla_backend_optimization_level=0')
 
-# 100 images in batches of 16: 7 steps an epoch, the last one 4 real + 12 padding.
+# 100 images in batches of 16: 7 steps an epoch, the last one 4 real + 12
+# padding.
 FAST_OVERRIDES = {
     'demo.train_examples': 100, 'demo.test_examples': 40,
     'optim.batch_size': 16, 'optim.epochs': 6, 'optim.warmup_epochs': 1,
@@ -65,7 +69,7 @@ def launch_command(workdir, overrides=None, extra_args=(), fast=True):
 
 
 def launch_env(cache, devices=1):
-  """`devices` simulated CPU devices; LLVM -O0 halves compile time."""
+  """`devices` simulated CPU devices, LLVM -O0."""
   return {**os.environ,
           'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices} '
                        '--xla_backend_optimization_level=0',
