@@ -29,6 +29,7 @@ Rows: row i < n holds example i; row n holds the K/V of the all-zero image that
 with -1, and index -1 reads row n, so cached batches equal online ones row for
 row, padding included.
 """
+import abc
 import dataclasses
 import functools
 import hashlib
@@ -136,7 +137,7 @@ def build(method, frozen, source: input_pipeline.Source, *, normalization: str,
   return HostFeatureCache(kv, labels, provenance)
 
 
-class FeatureCache:
+class FeatureCache(abc.ABC):
   """Labels and the batch order of a cache; subclasses say where the K/V are."""
 
   def __init__(self, labels: np.ndarray, provenance: str):
@@ -145,8 +146,9 @@ class FeatureCache:
     self.provenance = provenance  # 'built ...', 'reused ...' or 'rebuilt: ...'.
 
   @property
+  @abc.abstractmethod
   def nbytes(self) -> int:
-    raise NotImplementedError
+    """Bytes of K/V held (over all local devices in 'device' mode)."""
 
   def batches(self, global_batch: int, *, seed: int, start_step: int = 0,
               num_steps: int | None = None, process_index: int | None = None,
@@ -157,7 +159,9 @@ class FeatureCache:
 
     Same arguments and batches: {'kv': [D, b, L, 2, N, H, D/H] in the storage
     dtype, 'label': int32 [D, b], 'mask': float32 [D, b]}, from global step
-    `start_step` on.
+    `start_step` on. In 'device' mode 'kv' is already on the devices, laid
+    out for `jax.pmap`. Cast 'kv' to the model's dtype in the step
+    (bfloat16 is a storage format: `kv.astype(vit.dtype)` before `apply_kv`).
     """
     layout = _Layout.of(global_batch, process_index, process_count,
                         local_device_count)
@@ -176,9 +180,9 @@ class FeatureCache:
     # pylint: disable-next=protected-access
     return input_pipeline._prefetch(host_batches(), prefetch)
 
+  @abc.abstractmethod
   def _kv(self, indices, rows, layout):
     """This host's [D, b, ...] K/V of global batch `indices` (its `rows`)."""
-    raise NotImplementedError
 
 
 class HostFeatureCache(FeatureCache):

@@ -82,7 +82,8 @@ def create_method(config):
       cache_dir=config.checkpoint.cache_dir, headless=True,
       dtype=DTYPES[config.dtype])
   method = methods.from_config(config, vit)
-  if config.train.feature_cache != 'none':
+  # (An export's config, read by predict.py, may hold no `train` section.)
+  if config.get('train', {}).get('feature_cache', 'none') != 'none':
     method = dataclasses.replace(
         method, config=dataclasses.replace(method.config,
                                            image_drop_path=False))
@@ -155,7 +156,9 @@ def logits_of(apply_fn, params, frozen, batch, train, rngs=None):
     if not hasattr(method, 'apply_kv'):
       raise ValueError('A batch of cached K/V needs a method with apply_kv '
                        f'(SynQT); got apply_fn={apply_fn!r}.')
-    return method.apply_kv(params, frozen, batch['kv'], train=train, rngs=rngs)
+    # bfloat16 is a storage format (train.cache_dtype): compute in the model's.
+    kv = batch['kv'].astype(method.vit.dtype)
+    return method.apply_kv(params, frozen, kv, train=train, rngs=rngs)
   return apply_fn(params, frozen, batch['image'], train=train, rngs=rngs)
 
 

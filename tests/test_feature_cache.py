@@ -2,7 +2,7 @@
 
 Tiny random backbones (width 32, 2 blocks, patch 8, 32px) keep this file fast.
 """
-import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -76,9 +76,26 @@ def data_fingerprint(frozen, method, **data):
 def train(method, frozen, batches, inputs, apply, steps=20):
   """AdamW on the masked mean cross-entropy; returns per-step losses and params."""
   params = method.init(jax.random.PRNGKey(0), frozen, None)
-  optimizer = optax.adamw(1e-3, weight_decay=1e-2)
+  step = train_step(apply)
+  opt_state, losses = OPTIMIZER.init(params), []
+  for i, batch in zip(range(steps), batches):
+    # Stored K/V are cast to the model's float32: bfloat16 storage only.
+    params, opt_state, loss = step(params, opt_state, frozen,
+                                   batch[inputs][0].astype(np.float32),
+                                   batch['label'][0], batch['mask'][0],
+                                   jax.random.PRNGKey(100 + i))
+    losses.append(float(loss))
+  return np.array(losses), params
 
-  def loss_fn(params, x, label, mask, rng):
+
+OPTIMIZER = optax.adamw(1e-3, weight_decay=1e-2)
+
+
+@functools.lru_cache(maxsize=None)
+def train_step(apply):
+  """One jitted AdamW step of `apply` (method.apply or method.apply_kv)."""
+
+  def loss_fn(params, frozen, x, label, mask, rng):
     dropout, drop_path = jax.random.split(rng)
     logits = apply(params, frozen, x, train=True,
                    rngs={'dropout': dropout, 'drop_path': drop_path})
@@ -86,18 +103,13 @@ def train(method, frozen, batches, inputs, apply, steps=20):
     return jnp.sum(mask * losses) / jnp.sum(mask)
 
   @jax.jit
-  def step(params, opt_state, x, label, mask, rng):
-    loss, grads = jax.value_and_grad(loss_fn)(params, x, label, mask, rng)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
+  def step(params, opt_state, frozen, x, label, mask, rng):
+    loss, grads = jax.value_and_grad(loss_fn)(params, frozen, x, label, mask,
+                                              rng)
+    updates, opt_state = OPTIMIZER.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  opt_state, losses = optimizer.init(params), []
-  for i, batch in zip(range(steps), batches):
-    params, opt_state, loss = step(params, opt_state, batch[inputs][0],
-                                   batch['label'][0], batch['mask'][0],
-                                   jax.random.PRNGKey(100 + i))
-    losses.append(float(loss))
-  return np.array(losses), params
+  return step
 
 
 @pytest.fixture(scope='module')
