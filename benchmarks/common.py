@@ -53,7 +53,7 @@ def backbone_shapes(vit):
 def method_inputs(name, vit, batch_size, num_classes=NUM_CLASSES, abstract=True):
   """`(state, frozen, batch)` for `train.train_step`, each with a leading device axis.
 
-  Full fine-tuning holds the backbone once, in its trainable state (`frozen` = {}).
+  Full fine-tuning holds the backbone once, in its trainable state.
   """
   method = methods.create(name, vit, num_classes)
   optimizer = train.create_optimizer(common_config.get_config().optim,
@@ -68,8 +68,7 @@ def method_inputs(name, vit, batch_size, num_classes=NUM_CLASSES, abstract=True)
 
   state = (jax.eval_shape(initial_state, frozen) if abstract
            else jax.jit(initial_state)(frozen))
-  if name == 'full':
-    frozen = {}
+  frozen = {k: v for k, v in frozen.items() if k not in state.params}  # As train.py.
   s = vit.image_size
   batch = {'image': ((batch_size, s, s, 3), jnp.float32),
            'label': ((batch_size,), jnp.int32), 'mask': ((batch_size,), jnp.float32)}

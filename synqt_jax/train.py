@@ -347,6 +347,9 @@ def train_and_evaluate(config, workdir):
   state = create_train_state(method, frozen,
                              create_optimizer(config.optim, learning_rate_fn),
                              config.seed, config.data.image_size)
+  # What the trainable state took over (full fine-tuning's backbone) is not
+  # also kept frozen: the devices hold it once.
+  frozen = {k: v for k, v in frozen.items() if k not in state.params}
   trainable_params = methods.trainable_count(state.params)
   logging.info('Task %s: %d training images, %d steps of %d (%d epochs). '
                'Trainable parameters: %d (the reference\'s unused pre_norm and '

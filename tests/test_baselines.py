@@ -10,10 +10,14 @@ import pytest
 
 from synqt_jax import baselines
 from synqt_jax import checkpoint
+from synqt_jax import export
 from synqt_jax import methods
 from synqt_jax import models_vit
 from synqt_jax import random_vit
 from synqt_jax import synqt
+from synqt_jax import train
+from training_runs import compilation_cache  # pylint: disable=unused-import
+from training_runs import tiny_config
 
 NUM_CLASSES = 5
 METHODS = ('linear', 'full', 'lora', 'synqt')
@@ -230,3 +234,17 @@ def test_trainable_counts_for_vit_b16_with_100_classes():
   assert count(baselines.LinearProbe(vit, classes)) == 76_900
   assert count(baselines.LoRA(vit, classes, rank=rank, alpha=8)) == 371_812
   assert count(baselines.FullFineTune(vit, classes)) == 85_875_556
+
+
+@pytest.mark.parametrize('name', ['linear', 'lora', 'full'])
+def test_baselines_train_in_the_same_trainer(name, tmp_path, compilation_cache):
+  """`--config.method=<baseline>`: same data, schedule, checkpoints, evaluation."""
+  del compilation_cache  # Shared compiled programs across the session.
+  config = tiny_config(**{'method': name, 'optim.epochs': 2, 'eval_every_epochs': 1})
+  results = train.train_and_evaluate(config, str(tmp_path))
+  assert 0.0 <= results['test_accuracy'] <= 1.0
+  assert len(results['evaluations']) == 2
+  params, _ = export.load(str(tmp_path / 'export.npz'))
+  expected = {'linear': {'head'}, 'lora': {'lora', 'head'},
+              'full': {'backbone', 'head'}}[name]
+  assert set(params) == expected

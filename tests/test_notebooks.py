@@ -48,7 +48,7 @@ def test_notebooks_train_then_predict(tmp_path):
   trained = run_notebook(
       'train_synqt.ipynb',
       dict(OFFLINE=True, INSTALL=False, REPO_DIR=REPO, WORKDIR=workdir,
-           FEATURE_CACHE='none'),
+           FEATURE_CACHE='host'),
       tmp_path, {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
   text = outputs_text(trained)
   assert '8 device(s)' in text
