@@ -67,10 +67,18 @@ def _segment(model, blocks, trainable, frozen, x, previous, keys):
 
 
 def _block(model, i, trainable, frozen, x, previous, keys):
-  """Block i of both paths; the next tokens wait for this block's queries."""
+  """Block i of both paths; the next tokens wait for this block's queries.
+
+  The frozen vectors (LayerNorm scales and biases, dense biases) are made to
+  wait for `x` as well: XLA:CPU materialises some of their broadcasts to the
+  tokens' shape, and would otherwise compute each once, early, and keep it for
+  every recomputation of the block.
+  """
   image_rng, query_rng, dropout_rng = keys
   rngs = (None if dropout_rng is None
           else {'dropout': jax.random.fold_in(dropout_rng, i)})
+  frozen = jax.tree.map(lambda p: synqt.after(p, x) if p.ndim == 1 else p,
+                        frozen)
   x, output = model.apply({'params': {**trainable, **frozen}}, i, x, previous,
                           image_rng, query_rng, True, rngs=rngs,
                           method=synqt.SynQTModel.image_and_query_block)

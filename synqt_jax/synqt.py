@@ -319,6 +319,10 @@ class SynQTModel(nn.Module):
     features = self._features(outputs)
     return self.head(self.synqt.combine_features(features, not train))
 
+  def query_attention(self, images):
+    """Where each layer's queries look: softmax weights (B, L, H, T, N) over image tokens."""
+    return self.query_path(self.image_kv(images), with_attention=True)[1]
+
   def logits_from_kv(self, kv, train=False):
     h = self.synqt.combine_features(self.query_path(kv, train), not train)
     return self.head(h)
