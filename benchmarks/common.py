@@ -25,6 +25,7 @@ from synqt_jax import train
 VIT_B16 = models_vit.ViTConfig(hidden_size=768, num_layers=12, num_heads=12,
                                mlp_dim=3072, patch_size=16, image_size=224)
 NUM_CLASSES = 100
+METHODS = ('linear', 'synqt', 'lora', 'full')  # Tables' order: least memory first.
 STEPS_PER_EPOCH = 16  # 1000 VTAB-1k training images in batches of 64.
 
 

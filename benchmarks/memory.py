@@ -23,11 +23,10 @@ import matplotlib.pyplot as plt
 from benchmarks import common
 from synqt_jax import methods
 
-ORDER = ('linear', 'synqt', 'lora', 'full')
 GIB = 2 ** 30
 
 _BATCH_SIZES = flags.DEFINE_string('batch_sizes', '1,8,32,64,128', 'Comma-separated.')
-_METHODS = flags.DEFINE_string('methods', ','.join(ORDER), 'Comma-separated.')
+_METHODS = flags.DEFINE_string('methods', ','.join(common.METHODS), 'Comma-separated.')
 _MEASURE = flags.DEFINE_bool('measure', False,
                              'Also measure the peak of a real step, a process per point.')
 _MEASURE_ONE = flags.DEFINE_string('measure_one', None,
@@ -82,7 +81,7 @@ def measure_in_fresh_process(name, batch_size):
   return int(out.stdout.strip().splitlines()[-1])
 
 
-def compiled_memory_table(vit, batch_sizes, names=ORDER, measure=False):
+def compiled_memory_table(vit, batch_sizes, names=common.METHODS, measure=False):
   """Points for every method and batch size (XLA analysis; measured peak if asked)."""
   table = []
   for batch_size in batch_sizes:
@@ -120,7 +119,7 @@ def print_table(table):
 def plot(table):
   """Step memory against batch size, one line per method (XLA's total)."""
   fig, ax = plt.subplots(figsize=(6, 4))
-  for name in ORDER:
+  for name in common.METHODS:
     points = sorted((p.batch_size, p.total_bytes / GIB) for p in table if p.method == name)
     if points:
       ax.plot(*zip(*points), marker='o', label=name)
