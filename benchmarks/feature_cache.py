@@ -11,9 +11,10 @@ defaults) at 224, batch 64 and T query tokens per layer, it measures:
   - the compiled train step's temporary memory in each image-path memory mode.
 and projects the VTAB-1k recipe: 1000 training images (16 steps an epoch),
 50 epochs, 5 evaluations on a 10,000-image test set. Prints a table, writes
-JSON. Runs in about 10-20 minutes on 2 CPU cores.
+JSON. Runs in about 15-30 minutes on 2 CPU cores.
 
-  python benchmarks/feature_cache.py --tokens 1,4,16 --json out.json
+  python -m benchmarks.feature_cache --json benchmarks/results/feature_cache.json \
+      [--tokens 1,4,16] [--online-steps 2] [--cached-steps 4] [--memory-tokens 4]
 """
 import argparse
 import dataclasses
@@ -55,8 +56,11 @@ def parse_args():
   parser.add_argument('--epochs', type=int, default=50)
   parser.add_argument('--evaluations', type=int, default=5)
   parser.add_argument('--test-images', type=int, default=10_000)
-  parser.add_argument('--json', default='feature_cache_benchmark.json')
-  return parser.parse_args()
+  parser.add_argument('--json', default='benchmarks/results/feature_cache.json')
+  args = parser.parse_args()
+  if args.memory_tokens and str(args.memory_tokens) not in args.tokens.split(','):
+    parser.error(f'--memory-tokens {args.memory_tokens} must be one of --tokens.')
+  return args
 
 
 def vit_b16():
@@ -270,16 +274,14 @@ def main():
     print(f'T={t}: {json.dumps(results["tokens"][str(t)])}', flush=True)
   if args.memory_tokens:
     t = args.memory_tokens
-    keep_kv = (results['tokens'][str(t)]['measured']['keep_kv_temp_bytes']
-               if str(t) in results['tokens'] else None)
-    if keep_kv is None:
-      raise SystemExit(f'--memory-tokens {t} must be one of --tokens.')
+    keep_kv = results['tokens'][str(t)]['measured']['keep_kv_temp_bytes']
     recompute = recompute_temp_bytes(vit, frozen, t)
     results['memory'] = {'tokens': t, 'keep_kv_temp_bytes': keep_kv,
                          'recompute_temp_bytes': recompute,
                          'ratio': recompute / keep_kv}
   results['machine']['load_average_after'] = os.getloadavg()
   print_table(results)
+  os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
   with open(args.json, 'w') as f:
     json.dump(results, f, indent=1)
   print(f'Wrote {args.json}.')

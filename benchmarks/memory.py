@@ -6,10 +6,13 @@
 For ViT-B/16 at 224 (float32) and each batch size, per method: XLA's analysis of
 the compiled train step (arguments, outputs, temporaries; `memory_analysis()`),
 and with --measure the peak measured on the running backend by a fresh process
-per point (device `peak_bytes_in_use` on GPU/TPU; peak resident memory on CPU).
+per point (device `peak_bytes_in_use` on GPU/TPU; peak resident memory on CPU),
+which compiles the step once for both figures and runs it once. A point whose
+XLA total exceeds the memory the backend has free is not run; the table says so.
 Ratios are to full fine-tuning at the same batch size.
 """
 import dataclasses
+import json
 import os
 import resource
 import subprocess
@@ -45,6 +48,7 @@ class Point:
   alias_bytes: int
   temp_bytes: int
   measured_peak_bytes: int = None  # From a real step, with --measure.
+  measured_note: str = None  # Why a point was not measured.
 
   @property
   def total_bytes(self):
@@ -52,33 +56,55 @@ class Point:
     return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
 
 
-def analyse(name, vit, batch_size):
-  compiled, (state, _, _) = common.compiled_step(name, vit, batch_size)
+def analyse(name, vit, batch_size, step=None):
+  """XLA's figures for the compiled `step` (compiled from shapes when None)."""
+  compiled, (state, _, _) = step or common.compiled_step(name, vit, batch_size)
   m = compiled.memory_analysis()
   return Point(name, batch_size, methods.trainable_count(state.params),
-               m.argument_size_in_bytes, m.output_size_in_bytes,
-               m.alias_size_in_bytes, m.temp_size_in_bytes)
+               m.argument_size_in_bytes,
+               m.output_size_in_bytes, m.alias_size_in_bytes, m.temp_size_in_bytes)
 
 
-def measured_peak(name, vit, batch_size):
-  """Peak memory of compiling and running two real steps, in this (fresh) process."""
-  compiled, inputs = common.compiled_step(name, vit, batch_size, abstract=False)
-  state, frozen, batch = inputs
-  for _ in range(2):
-    state, metrics = compiled(state, frozen, batch)
-  jax.block_until_ready(metrics)
+def free_bytes():
+  """Memory the backend can still give: device limit less use, or the host's MemAvailable."""
   stats = jax.local_devices()[0].memory_stats() or {}
-  if 'peak_bytes_in_use' in stats:
-    return int(stats['peak_bytes_in_use'])
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB.
+  if 'bytes_limit' in stats:
+    return stats['bytes_limit'] - stats.get('bytes_in_use', 0)
+  with open('/proc/meminfo') as f:
+    for line in f:
+      if line.startswith('MemAvailable:'):
+        return int(line.split()[1]) * 1024
+  return None
+
+
+def measured_point(name, vit, batch_size):
+  """The point, with the peak of one real step, in this (fresh) process."""
+  step = common.compiled_step(name, vit, batch_size, abstract=False)
+  point = analyse(name, vit, batch_size, step)
+  compiled, (state, frozen, batch) = step
+  free = free_bytes()
+  if free is not None and point.total_bytes > free:
+    point.measured_note = (f'not run: XLA needs {point.total_bytes / GIB:.1f} GiB, '
+                           f'{free / GIB:.1f} GiB free')
+    return point
+  jax.block_until_ready(compiled(state, frozen, batch))
+  stats = jax.local_devices()[0].memory_stats() or {}
+  point.measured_peak_bytes = int(stats.get(
+      'peak_bytes_in_use',  # Linux reports ru_maxrss in KiB.
+      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+  return point
 
 
 def measure_in_fresh_process(name, batch_size):
   out = subprocess.run(
       [sys.executable, '-m', 'benchmarks.memory', f'--measure_one={name}:{batch_size}'],
-      check=True, capture_output=True, text=True,
+      capture_output=True, text=True,
       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  return int(out.stdout.strip().splitlines()[-1])
+  if out.returncode:
+    raise RuntimeError(f'Measuring {name} at batch {batch_size} failed (exit '
+                       f'{out.returncode}; -9 is usually the out-of-memory killer):\n'
+                       f'{out.stderr[-2000:]}')
+  return Point(**json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 def compiled_memory_table(vit, batch_sizes, names=common.METHODS, measure=False):
@@ -86,12 +112,14 @@ def compiled_memory_table(vit, batch_sizes, names=common.METHODS, measure=False)
   table = []
   for batch_size in batch_sizes:
     for name in names:
-      point = analyse(name, vit, batch_size)
-      if measure:
-        point.measured_peak_bytes = measure_in_fresh_process(name, batch_size)
+      point = (measure_in_fresh_process(name, batch_size) if measure
+               else analyse(name, vit, batch_size))
       table.append(point)
+      measured = (f', measured {point.measured_peak_bytes / GIB:.3f}'
+                  if point.measured_peak_bytes else '')
       print(f'  {name:>6} batch {batch_size:>3}: {point.total_bytes / GIB:7.3f} GiB '
-            f'(temporaries {point.temp_bytes / GIB:.3f})', flush=True)
+            f'(temporaries {point.temp_bytes / GIB:.3f}{measured})'
+            f'{" " + point.measured_note if point.measured_note else ""}', flush=True)
   return table
 
 
@@ -110,6 +138,7 @@ def print_table(table):
     ratio = ratio_to_full(table, p, 'total_bytes')
     measured = ('' if p.measured_peak_bytes is None
                 else f'{p.measured_peak_bytes / GIB:.3f}')
+    measured = measured or ('not run' if p.measured_note else '')
     print(f'{p.method:>8} {p.batch_size:>5} {p.trainable:>11,} '
           f'{p.argument_bytes / GIB:>9.3f} {p.output_bytes / GIB:>8.3f} '
           f'{p.temp_bytes / GIB:>9.3f} {p.total_bytes / GIB:>9.3f} '
@@ -139,7 +168,7 @@ def main(argv):
   vit = common.VIT_B16
   if _MEASURE_ONE.value:
     name, batch_size = _MEASURE_ONE.value.split(':')
-    print(measured_peak(name, vit, int(batch_size)))
+    print(json.dumps(dataclasses.asdict(measured_point(name, vit, int(batch_size)))))
     return
   table = compiled_memory_table(vit, common.parse_ints(_BATCH_SIZES.value),
                                 _METHODS.value.split(','), _MEASURE.value)

@@ -30,8 +30,8 @@ def get_config():
       token_nums=4, attn_scale=1.0, ffn_scale=0.1, feat_scale=0.1,
       dropout=0.1, drop_path=0.1, head_drop_path=0.3,
       # What online training keeps of the image path for the backward pass:
-      # 'keep_kv' (every block's K/V) or 'recompute' (far less memory, about
-      # twice the image-path compute; see synqt_jax/image_path_memory.py).
+      # 'keep_kv' (every block's K/V) or 'recompute' (~1/6 of the step's
+      # temporaries, twice the image-path compute; synqt_jax/image_path_memory.py).
       image_path_memory='keep_kv'))
 
   # AdamW (decoupled weight decay on every trainable tensor), learning rate

@@ -29,6 +29,7 @@ Every host yields its contiguous slice of the global batch, shaped
 
 import abc
 import concurrent.futures
+import dataclasses
 import itertools
 import os
 import queue
@@ -436,36 +437,56 @@ def eval_batches(source: Source, global_batch: int, *,
 def _batches(source, global_batch, index_stream, normalization, process_index,
              process_count, local_device_count, prefetch, num_threads):
   """Checks the layout now, then assembles this host's batches lazily."""
-  if process_index is None:
-    process_index = jax.process_index()
-  if process_count is None:
-    process_count = jax.process_count()
-  if local_device_count is None:
-    local_device_count = jax.local_device_count()
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} is not in '
-                     f'0..{process_count - 1}.')
-  if global_batch % (process_count * local_device_count):
-    raise ValueError(
-        f'Global batch {global_batch} does not split evenly over '
-        f'{process_count} processes x {local_device_count} local devices; '
-        f'use a multiple of {process_count * local_device_count}.')
+  layout = HostLayout.of(global_batch, process_index, process_count,
+                         local_device_count)
   _check_normalization(normalization)
   if len(source) == 0:
     raise ValueError(f'{source.name} has no examples.')
-  per_host = global_batch // process_count
-  host_rows = slice(process_index * per_host, (process_index + 1) * per_host)
 
   def host_batches():
     with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
       for indices in index_stream:
-        yield _host_batch(source, indices[host_rows], local_device_count,
+        yield _host_batch(source, indices[layout.host_rows], layout,
                           normalization, pool)
 
   return _prefetch(host_batches(), prefetch)
 
 
-def _host_batch(source, indices, local_device_count, normalization, pool):
+@dataclasses.dataclass(frozen=True)
+class HostLayout:
+  """This host's rows of a global batch, and their per-device shape."""
+  host_rows: slice
+  local_device_count: int
+
+  @classmethod
+  def of(cls, global_batch, process_index=None, process_count=None,
+         local_device_count=None):
+    """The layout of this host (defaults from jax), checked."""
+    if process_index is None:
+      process_index = jax.process_index()
+    if process_count is None:
+      process_count = jax.process_count()
+    if local_device_count is None:
+      local_device_count = jax.local_device_count()
+    if not 0 <= process_index < process_count:
+      raise ValueError(f'process_index {process_index} is not in '
+                       f'0..{process_count - 1}.')
+    if global_batch % (process_count * local_device_count):
+      raise ValueError(
+          f'Global batch {global_batch} does not split evenly over '
+          f'{process_count} processes x {local_device_count} local devices; '
+          f'use a multiple of {process_count * local_device_count}.')
+    per_host = global_batch // process_count
+    return cls(slice(process_index * per_host, (process_index + 1) * per_host),
+               local_device_count)
+
+  def per_device(self, arrays):
+    """Host arrays (b, ...) as (devices, b / devices, ...)."""
+    return {k: v.reshape((self.local_device_count, -1) + v.shape[1:])
+            for k, v in arrays.items()}
+
+
+def _host_batch(source, indices, layout, normalization, pool):
   size = source.image_size
   images = np.zeros((len(indices), size, size, 3), np.uint8)
   labels = np.zeros(len(indices), np.int32)
@@ -473,10 +494,9 @@ def _host_batch(source, indices, local_device_count, normalization, pool):
   for row, (image, label) in zip(rows, pool.map(source.__getitem__,
                                                 indices[rows])):
     images[row], labels[row] = image, label
-  batch = {'image': normalize(images, normalization), 'label': labels,
-           'mask': (indices >= 0).astype(np.float32)}
-  return {key: value.reshape((local_device_count, -1) + value.shape[1:])
-          for key, value in batch.items()}
+  return layout.per_device({'image': normalize(images, normalization),
+                            'label': labels,
+                            'mask': (indices >= 0).astype(np.float32)})
 
 
 def _prefetch(iterator, size: int):

@@ -60,11 +60,19 @@ def _softmax_jvp(primals, tangents):
   return y, y * (x_dot - (y * x_dot).sum(-1, keepdims=True))
 
 
-def drop_path(x, rate, rng):
-  """Stochastic depth: zero whole samples with probability `rate`, rescale the rest."""
+def drop_path(x, rate, rng, rows=None):
+  """Stochastic depth: zero whole samples with probability `rate`, rescale the rest.
+
+  `rows=(start, batch)`: `x` is the rows from `start` (may be traced) of a batch
+  of `batch`; they get that batch's draws, so a batch computed piece by piece
+  is dropped as a whole.
+  """
   if rate == 0.0 or rng is None:
     return x
-  keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+  start, batch = rows or (0, x.shape[0])
+  keep = jax.lax.dynamic_slice_in_dim(
+      jax.random.bernoulli(rng, 1.0 - rate, (batch,) + (1,) * (x.ndim - 1)),
+      start, x.shape[0])
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 

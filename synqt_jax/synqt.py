@@ -16,7 +16,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from synqt_jax import models_vit
 
@@ -38,9 +37,9 @@ class SynQTConfig:
   head_drop_path: float = 0.3  # DropPath on the head's features j >= 1.
   image_drop_path: bool = True  # False when training from a feature cache.
   # What online training keeps of the image path for the backward pass: every
-  # block's K/V ('keep_kv'), or a few blocks' input tokens, re-running the
-  # image path in the backward pass ('recompute', see image_path_memory.py:
-  # far less memory, about twice the image-path compute).
+  # block's K/V ('keep_kv'), or only the input tokens, re-running both paths
+  # an eighth of the batch at a time in the backward pass ('recompute', see
+  # image_path_memory.py: ~1/6 of the memory, twice the image-path compute).
   image_path_memory: str = 'keep_kv'
 
   def __post_init__(self):
@@ -74,11 +73,6 @@ def exact_gelu(x):
   return nn.gelu(x, approximate=False)
 
 
-# A block's attention logits and MLP activations are 3-4x the size of its
-# tokens; computed an eighth of the batch at a time they stay below it.
-IMAGE_PATH_BATCH_CHUNKS = 8
-
-
 def after(value, tree):
   """`value`, made to wait for `tree` (a data dependency that no compiler drops).
 
@@ -88,19 +82,6 @@ def after(value, tree):
   leaves = [jnp.ravel(leaf)[0].astype(value.dtype)
             for leaf in jax.tree.leaves(jax.lax.stop_gradient(tree))]
   return value + 0 * sum(leaves)
-
-
-def _in_chunks(fn, *arrays):
-  """fn(*arrays) for a per-example fn, one batch chunk after the other."""
-  size = arrays[0].shape[0]
-  bounds = np.linspace(0, size, min(size, IMAGE_PATH_BATCH_CHUNKS) + 1).astype(int)
-  outputs = []
-  for lo, hi in zip(bounds[:-1], bounds[1:]):
-    chunk = [a[lo:hi] for a in arrays]
-    if outputs:  # Sequential: one chunk's activations alive at a time.
-      chunk[0] = after(chunk[0], outputs[-1])
-    outputs.append(fn(*chunk))
-  return jnp.concatenate(outputs)
 
 
 class Adapter(nn.Module):
@@ -252,15 +233,18 @@ class SynQTModel(nn.Module):
       return features, jnp.stack(attentions, axis=1)
     return features
 
-  def read_block(self, i, p, k, v, rng):
-    """Queries `p` through frozen block i reading its image K/V: (f_i, a_i, m_i)."""
+  def read_block(self, i, p, k, v, rng, rows=None):
+    """Queries `p` through frozen block i reading its image K/V: (f_i, a_i, m_i).
+
+    `rows`: see `models_vit.drop_path`.
+    """
     block = self.backbone.blocks[i]
     rate = models_vit.block_drop_rate(i, self.vit.num_layers, self.config.drop_path)
     rngs = (None, None) if rng is None else jax.random.split(
         jax.random.fold_in(rng, i))
-    a = models_vit.drop_path(block.attend(p, k, v), rate, rngs[0])
+    a = models_vit.drop_path(block.attend(p, k, v), rate, rngs[0], rows)
     p = p + a
-    m = models_vit.drop_path(block.mlp(p), rate, rngs[1])
+    m = models_vit.drop_path(block.mlp(p), rate, rngs[1], rows)
     p = p + m
     return tuple(x.mean(axis=1, keepdims=True) for x in (p, a, m))
 
@@ -287,32 +271,37 @@ class SynQTModel(nn.Module):
     return tokens, image_rng, query_rng
 
   def image_and_query_block(self, i, x, previous, image_rng, query_rng,
-                            train=False):
+                            train=False, rows=None):
     """Block i of both paths from its input tokens `x` (B, N, D).
 
     The queries read the block's K/V (`read_block`); the tokens advance as in
-    `image_path`, an eighth of the batch at a time so that the attention and
-    MLP activations stay small (the drop masks are drawn for the whole batch).
-    Returns the next tokens and (f_i, a_i, m_i).
+    `image_path`. `rows`: see `models_vit.drop_path`. Returns the next tokens
+    and (f_i, a_i, m_i).
     """
     c, block = self.config, self.backbone.blocks[i]
     k, v = block.image_kv(x)
     p = self.synqt.queries(i, previous, x.shape[0], not train)
-    output = self.read_block(i, p, k, v, query_rng)
+    output = self.read_block(i, p, k, v, query_rng, rows)
     if i + 1 == self.vit.num_layers:  # As image_path: the last output is unused.
       return x, output
     image_rate = c.drop_path if train and c.image_drop_path else 0.0
     rate = models_vit.block_drop_rate(i, self.vit.num_layers, image_rate)
-    rngs = (None, None) if image_rng is None else tuple(
-        jax.random.split(jax.random.fold_in(image_rng, i)))
-    # DropPath as a per-example scale, so that each residual branch is added
-    # chunk by chunk: 0 or 1 / (1 - rate), the masks of `models_vit.drop_path`.
-    ones = jnp.ones((x.shape[0], 1, 1), x.dtype)
-    attn_scale, mlp_scale = (models_vit.drop_path(ones, rate, r) for r in rngs)
-    x = _in_chunks(lambda x, k, v, s: x + s * block.attend(x, k, v),
-                   x, k, v, attn_scale)
-    x = _in_chunks(lambda x, s: x + s * block.mlp(x), x, mlp_scale)
+    rngs = (None, None) if image_rng is None else jax.random.split(
+        jax.random.fold_in(image_rng, i))
+    x = x + models_vit.drop_path(block.attend(x, k, v), rate, rngs[0], rows)
+    x = x + models_vit.drop_path(block.mlp(x), rate, rngs[1], rows)
     return jax.lax.stop_gradient(x), output
+
+  def block_outputs_from_tokens(self, x, image_rng, query_rng, train=False,
+                                rows=None):
+    """Both paths through every block from the input tokens: L (f_i, a_i, m_i)."""
+    previous, outputs = None, []
+    for i in range(self.vit.num_layers):
+      x, output = self.image_and_query_block(i, x, previous, image_rng,
+                                             query_rng, train, rows)
+      outputs.append(output)
+      previous = output[0]
+    return outputs
 
   def logits_from_block_outputs(self, outputs, train=False):
     """Logits from the L per-block (f_i, a_i, m_i) of the query path."""

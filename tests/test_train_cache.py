@@ -64,6 +64,21 @@ def test_host_cache_follows_the_online_trajectory(runs):
   assert os.path.exists(host / 'feature_cache' / 'train.json')
 
 
+def test_bfloat16_device_cache_follows_within_its_rounding(runs, tmp_path):
+  """K/V rounded to 8 significant bits: 42 steps stay within 1e-2 of online."""
+  online, _ = runs
+  run(tmp_path, **{'train.feature_cache': 'device',
+                   'train.cache_dtype': 'bfloat16'})
+  assert len(losses(tmp_path)) == 42
+  np.testing.assert_allclose(losses(tmp_path), losses(online), rtol=1e-2)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0,
+                                                       atol=1e-2),
+               final_params(tmp_path), final_params(online))
+  assert not np.array_equal(losses(tmp_path), losses(online))  # Rounded.
+  with open(tmp_path / 'feature_cache' / 'train.json') as f:
+    assert json.load(f)['fields']['storage_dtype'] == 'bfloat16'
+
+
 def test_deferred_evaluation_equals_evaluating_at_each_point(
     runs, tmp_path):
   online, _ = runs
