@@ -31,10 +31,7 @@ def _encoded_class_token(vit, images, drop_rate, rng):
   """
   x = vit.tokens(images)
   for i, block in enumerate(vit.blocks):
-    rate = models_vit.block_drop_rate(i, len(vit.blocks), drop_rate)
-    rngs = (None, None) if rng is None else tuple(
-        jax.random.split(jax.random.fold_in(rng, i)))
-    x = block(x, rate, rngs)
+    x = block(x, *models_vit.block_drop_path(i, len(vit.blocks), drop_rate, rng))
   return vit.Transformer.encoder_norm(x)[:, 0]
 
 

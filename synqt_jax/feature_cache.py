@@ -163,8 +163,8 @@ class FeatureCache(abc.ABC):
     out for `jax.pmap`. Cast 'kv' to the model's dtype in the step
     (bfloat16 is a storage format: `kv.astype(vit.dtype)` before `apply_kv`).
     """
-    layout = input_pipeline.HostLayout.of(global_batch, process_index, process_count,
-                        local_device_count)
+    layout = input_pipeline.HostLayout.of(global_batch, process_index,
+                                          process_count, local_device_count)
     steps = (itertools.count(start_step) if num_steps is None
              else range(start_step, start_step + num_steps))
 

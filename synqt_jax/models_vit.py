@@ -150,10 +150,18 @@ class Encoder1DBlock(nn.Module):
     """MLP output for tokens `x` (before the residual)."""
     return self.MlpBlock_3(self.LayerNorm_2(x))
 
+  def advance(self, x, k, v, drop_rate=0.0, rngs=(None, None), rows=None):
+    """The block's output tokens from its input `x` and their K/V `k`, `v`.
+
+    `rngs` are the stochastic-depth keys of its two branches; `rows`: see
+    `drop_path`.
+    """
+    x = x + drop_path(self.attend(x, k, v), drop_rate, rngs[0], rows)
+    return x + drop_path(self.mlp(x), drop_rate, rngs[1], rows)
+
   def __call__(self, x, drop_rate=0.0, rngs=(None, None)):
-    """The ordinary block; `rngs` are the stochastic-depth keys of its two branches."""
-    x = x + drop_path(self.attend(x, *self.image_kv(x)), drop_rate, rngs[0])
-    return x + drop_path(self.mlp(x), drop_rate, rngs[1])
+    """The ordinary block."""
+    return self.advance(x, *self.image_kv(x), drop_rate, rngs)
 
 
 class AddPositionEmbs(nn.Module):
@@ -232,18 +240,21 @@ class VisionTransformer(nn.Module):
       k, v = jax.lax.stop_gradient(block.image_kv(x))
       kvs.append((k, v))
       if i + 1 < len(self.blocks):  # The last block's output is never read.
-        rate = block_drop_rate(i, len(self.blocks), drop_rate)
-        rngs = (None, None) if rng is None else tuple(
-            jax.random.split(jax.random.fold_in(rng, i)))
-        x = jax.lax.stop_gradient(
-            x + drop_path(block.attend(x, k, v), rate, rngs[0]))
-        x = jax.lax.stop_gradient(x + drop_path(block.mlp(x), rate, rngs[1]))
+        x = jax.lax.stop_gradient(block.advance(
+            x, k, v, *block_drop_path(i, len(self.blocks), drop_rate, rng)))
     return kvs
 
   def __call__(self, images):
     """The pre-trained classifier: class token -> pre_logits -> head."""
     x = self.representation(self.Transformer(self.tokens(images))[:, 0])
     return self.head(x) if self.config.num_classes is not None else x
+
+
+def block_drop_path(i, num_layers, rate, rng):
+  """Block i's stochastic depth: its rate and the keys of its two branches."""
+  keys = (None, None) if rng is None else tuple(
+      jax.random.split(jax.random.fold_in(rng, i)))
+  return block_drop_rate(i, num_layers, rate), keys
 
 
 def block_drop_rate(i, num_layers, rate):

@@ -207,8 +207,7 @@ class SynQTModel(nn.Module):
 
   def image_kv(self, images, train=False):
     """Per-block keys/values of the image tokens: (B, L, 2, N, H, D/H), no gradient."""
-    c = self.config
-    rate = c.drop_path if train and c.image_drop_path else 0.0
+    rate = self._image_drop_rate(train)
     rng = self.make_rng('drop_path') if rate > 0 else None
     kvs = self.backbone.image_path(images, rate, rng)
     return jnp.stack([jnp.stack(kv, axis=1) for kv in kvs], axis=1)
@@ -239,14 +238,17 @@ class SynQTModel(nn.Module):
     `rows`: see `models_vit.drop_path`.
     """
     block = self.backbone.blocks[i]
-    rate = models_vit.block_drop_rate(i, self.vit.num_layers, self.config.drop_path)
-    rngs = (None, None) if rng is None else jax.random.split(
-        jax.random.fold_in(rng, i))
+    rate, rngs = models_vit.block_drop_path(i, self.vit.num_layers,
+                                            self.config.drop_path, rng)
     a = models_vit.drop_path(block.attend(p, k, v), rate, rngs[0], rows)
     p = p + a
     m = models_vit.drop_path(block.mlp(p), rate, rngs[1], rows)
     p = p + m
     return tuple(x.mean(axis=1, keepdims=True) for x in (p, a, m))
+
+  def _image_drop_rate(self, train):
+    c = self.config
+    return c.drop_path if train and c.image_drop_path else 0.0
 
   def _query_drop_path_rng(self, train):
     c = self.config
@@ -263,9 +265,8 @@ class SynQTModel(nn.Module):
     The keys are drawn in the order `__call__` draws them, so a forward pass
     assembled from `image_and_query_block` has the same drop masks.
     """
-    c = self.config
-    image_rate = c.drop_path if train and c.image_drop_path else 0.0
-    image_rng = self.make_rng('drop_path') if image_rate > 0 else None
+    image_rng = (self.make_rng('drop_path') if self._image_drop_rate(train) > 0
+                 else None)
     query_rng = self._query_drop_path_rng(train)
     tokens = jax.lax.stop_gradient(self.backbone.tokens(images))
     return tokens, image_rng, query_rng
@@ -278,19 +279,15 @@ class SynQTModel(nn.Module):
     `image_path`. `rows`: see `models_vit.drop_path`. Returns the next tokens
     and (f_i, a_i, m_i).
     """
-    c, block = self.config, self.backbone.blocks[i]
+    block = self.backbone.blocks[i]
     k, v = block.image_kv(x)
     p = self.synqt.queries(i, previous, x.shape[0], not train)
     output = self.read_block(i, p, k, v, query_rng, rows)
     if i + 1 == self.vit.num_layers:  # As image_path: the last output is unused.
       return x, output
-    image_rate = c.drop_path if train and c.image_drop_path else 0.0
-    rate = models_vit.block_drop_rate(i, self.vit.num_layers, image_rate)
-    rngs = (None, None) if image_rng is None else jax.random.split(
-        jax.random.fold_in(image_rng, i))
-    x = x + models_vit.drop_path(block.attend(x, k, v), rate, rngs[0], rows)
-    x = x + models_vit.drop_path(block.mlp(x), rate, rngs[1], rows)
-    return jax.lax.stop_gradient(x), output
+    rate, rngs = models_vit.block_drop_path(
+        i, self.vit.num_layers, self._image_drop_rate(train), image_rng)
+    return jax.lax.stop_gradient(block.advance(x, k, v, rate, rngs, rows)), output
 
   def block_outputs_from_tokens(self, x, image_rng, query_rng, train=False,
                                 rows=None):
