@@ -51,24 +51,28 @@ def backbone_shapes(vit):
                           for k, shape in checkpoint.expected_shapes(vit).items()})
 
 
+def initial_state(method, frozen, abstract=True):
+  """The trainer's initial `TrainState` of `method` (its shapes if `abstract`)."""
+  optimizer = train.create_optimizer(common_config.get_config().optim,
+                                     learning_rate_schedule())
+
+  def create(frozen):
+    params = method.init(jax.random.PRNGKey(0), frozen, None)
+    return train.TrainState.create(apply_fn=method.apply, params=params,
+                                   tx=optimizer, rng=jax.random.PRNGKey(1))
+
+  return jax.eval_shape(create, frozen) if abstract else jax.jit(create)(frozen)
+
+
 def method_inputs(name, vit, batch_size, num_classes=NUM_CLASSES, abstract=True):
   """`(state, frozen, batch)` for `train.train_step`, each with a leading device axis.
 
   Full fine-tuning holds the backbone once, in its trainable state.
   """
   method = methods.create(name, vit, num_classes)
-  optimizer = train.create_optimizer(common_config.get_config().optim,
-                                     learning_rate_schedule())
   backbone = backbone_shapes(vit) if abstract else random_backbone(vit)
   frozen = {'backbone': backbone}
-
-  def initial_state(frozen):
-    params = method.init(jax.random.PRNGKey(0), frozen, None)
-    return train.TrainState.create(apply_fn=method.apply, params=params,
-                                   tx=optimizer, rng=jax.random.PRNGKey(1))
-
-  state = (jax.eval_shape(initial_state, frozen) if abstract
-           else jax.jit(initial_state)(frozen))
+  state = initial_state(method, frozen, abstract)
   frozen = {k: v for k, v in frozen.items() if k not in state.params}  # As train.py.
   s = vit.image_size
   batch = {'image': ((batch_size, s, s, 3), jnp.float32),
@@ -80,8 +84,12 @@ def method_inputs(name, vit, batch_size, num_classes=NUM_CLASSES, abstract=True)
     batch = {'image': rng.standard_normal(batch['image'][0], np.float32),
              'label': rng.integers(0, num_classes, batch_size).astype(np.int32),
              'mask': np.ones(batch_size, np.float32)}
-  return tuple(jax.tree.map(lambda x: device_axis(x, abstract), tree)
-               for tree in (state, frozen, batch))
+  return tuple(with_device_axis(tree, abstract) for tree in (state, frozen, batch))
+
+
+def with_device_axis(tree, abstract=False):
+  """`tree` as one device's pmap input: a leading axis of 1, on that device."""
+  return jax.tree.map(lambda x: device_axis(x, abstract), tree)
 
 
 def device_axis(x, abstract):
@@ -90,14 +98,18 @@ def device_axis(x, abstract):
   return jax.device_put(np.asarray(x)[None], jax.local_devices()[0])
 
 
-def compiled_step(name, vit, batch_size, abstract=True):
-  """The compiled pmapped train step of method `name` and its inputs."""
-  inputs = method_inputs(name, vit, batch_size, abstract=abstract)
-  step = jax.pmap(functools.partial(train.train_step,
+def pmapped_train_step():
+  """`train.train_step` as the trainer runs it, on the first device."""
+  return jax.pmap(functools.partial(train.train_step,
                                     learning_rate_fn=learning_rate_schedule()),
                   axis_name=train.AXIS, donate_argnums=(0,),
                   devices=jax.local_devices()[:1])
-  return step.lower(*inputs).compile(), inputs
+
+
+def compiled_step(name, vit, batch_size, abstract=True):
+  """The compiled pmapped train step of method `name` and its inputs."""
+  inputs = method_inputs(name, vit, batch_size, abstract=abstract)
+  return pmapped_train_step().lower(*inputs).compile(), inputs
 
 
 def backend_description():

@@ -1,9 +1,11 @@
 """What the feature cache, deferred evaluation and memory modes buy (issue 6).
 
-On the machine it runs on, for ViT-B/16 (random weights, `random_vit.make`
-defaults) at 224, batch 64 and T query tokens per layer, it measures:
-  - the online train step (image path + query path, AdamW) and the cached one
-    (query path on K/V read from a host cache through `FeatureCache.batches`);
+On the machine it runs on, for ViT-B/16 (random weights,
+`common.random_backbone`) at 224, batch 64 and T query tokens per layer, it
+measures:
+  - the trainer's step (`train.train_step` under pmap) online (image path +
+    query path) and cached (query path on K/V read from a host cache through
+    `FeatureCache.batches`, the gather of each batch included);
   - the cache build (`feature_cache.build`, warm) on a subset;
   - an evaluation batch's backbone pass (`image_kv`) and query-path scoring
     (`apply_kv`): a separate evaluation costs both per image, deferred
@@ -18,6 +20,7 @@ JSON. Runs in about 15-30 minutes on 2 CPU cores.
 """
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -25,19 +28,16 @@ import time
 
 import flax.jax_utils
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
-from synqt_jax import checkpoint
+from benchmarks import common
 from synqt_jax import feature_cache
 from synqt_jax import input_pipeline
 from synqt_jax import methods
-from synqt_jax import random_vit
 from synqt_jax import synqt
 
 BATCH = 64
-NUM_CLASSES = 100
+NUM_CLASSES = common.NUM_CLASSES
 TARGETS = {'train_speedup': {4: 8.0, 16: 3.0}, 'with_eval_speedup': {4: 5.0},
            'recompute_temp_ratio': 0.25}
 
@@ -47,7 +47,7 @@ def parse_args():
   parser.add_argument('--tokens', default='1,4,16',
                       help='T values, comma-separated.')
   parser.add_argument('--online-steps', type=int, default=1,
-                      help='Timed online steps per T (after compilation).')
+                      help='Timed online steps per T (after one warm-up).')
   parser.add_argument('--cached-steps', type=int, default=3,
                       help='Timed cached steps per T (after one warm-up).')
   parser.add_argument('--memory-tokens', type=int, default=4,
@@ -63,13 +63,6 @@ def parse_args():
   return args
 
 
-def vit_b16():
-  """(ViTConfig, frozen) of a headless random ViT-B/16 at 224."""
-  flat = random_vit.make(classes=1, pre_logits=False)
-  flat = {k: v for k, v in flat.items() if not k.startswith('head/')}
-  return checkpoint.vit_config(flat), {'backbone': checkpoint.nest(flat)}
-
-
 def random_source(num_examples, seed=0):
   rng = np.random.default_rng(seed)
   return input_pipeline.ArraySource(
@@ -83,28 +76,39 @@ def seconds(fn, *args):
   return time.perf_counter() - start
 
 
-def compiled_train_step(method, apply, params, frozen, inputs):
-  """The AOT-compiled AdamW step on the masked mean cross-entropy, and its args."""
-  optimizer = optax.adamw(1e-3, weight_decay=1e-2)
+def compiled_train_step(method, frozen, batch):
+  """The trainer's step (`common.pmapped_train_step`) of `method`, compiled for `batch`.
 
-  def step(params, opt_state, frozen, x, label, mask, rng):
-    def loss_fn(params):
-      dropout, drop_path = jax.random.split(rng)
-      logits = apply(params, frozen, x, train=True,
-                     rngs={'dropout': dropout, 'drop_path': drop_path})
-      losses = optax.softmax_cross_entropy_with_integer_labels(logits, label)
-      return jnp.sum(mask * losses) / jnp.sum(mask)
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  args = (params, optimizer.init(params), frozen, inputs,
-          np.zeros(BATCH, np.int32), np.ones(BATCH, np.float32),
-          jax.random.PRNGKey(0))
+  `batch` has the leading device axis, as `FeatureCache.batches` gives it.
+  Returns the compiled step, its (state, frozen) arguments and the compile
+  seconds.
+  """
+  state = common.with_device_axis(common.initial_state(method, frozen,
+                                                       abstract=False))
+  frozen = common.with_device_axis(frozen)
   start = time.perf_counter()
-  compiled = jax.jit(step).lower(*args).compile()
-  return compiled, args, time.perf_counter() - start
+  compiled = common.pmapped_train_step().lower(state, frozen, batch).compile()
+  return compiled, (state, frozen), time.perf_counter() - start
+
+
+def timed_steps(method, frozen, batches, steps):
+  """Seconds of `steps` train steps, each from fetching its batch to its loss.
+
+  Returns (seconds per step, compile seconds, the compiled step); one
+  untimed step warms up first.
+  """
+  first = next(batches)
+  compiled, (state, frozen), compile_s = compiled_train_step(method, frozen,
+                                                             first)
+  state, metrics = compiled(state, frozen, first)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, metrics = compiled(state, frozen, next(batches))
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  return times, compile_s, compiled
 
 
 def measure_build(vit, frozen, replicated, subset):
@@ -126,45 +130,36 @@ def measure_tokens(vit, frozen, cache, tokens, args):
   """Online and cached step times, scoring time and the default mode's memory."""
   method = methods.SynQT(vit, synqt.SynQTConfig(num_classes=NUM_CLASSES,
                                                 token_nums=tokens))
+  online_s, online_compile, online = timed_steps(
+      method, frozen, itertools.repeat(image_batch()), args.online_steps)
+  cached_s, cached_compile, _ = timed_steps(
+      method, frozen, cache.batches(BATCH, seed=0), args.cached_steps)
+
   params = method.init(jax.random.PRNGKey(0), frozen, None)
-  images = np.zeros((BATCH, 224, 224, 3), np.float32)
-  online, online_args, online_compile = compiled_train_step(
-      method, method.apply, params, frozen, images)
-  online_s = [seconds(online, *online_args) for _ in range(args.online_steps)]
-
-  batches = cache.batches(BATCH, seed=0)
-  first = next(batches)['kv'][0]
-  cached, cached_args, cached_compile = compiled_train_step(
-      method, method.apply_kv, params, frozen, first)
-  seconds(cached, *cached_args)  # Warm-up.
-  cached_s = []
-  for _ in range(args.cached_steps):
-    start = time.perf_counter()
-    batch = next(batches)
-    jax.block_until_ready(cached(*cached_args[:3], batch['kv'][0],
-                                 batch['label'][0], batch['mask'][0],
-                                 cached_args[-1]))
-    cached_s.append(time.perf_counter() - start)
-
-  score = jax.jit(method.apply_kv).lower(params, frozen, first).compile()
-  seconds(score, params, frozen, first)  # Warm-up.
+  kv = next(cache.batches(BATCH, seed=0))['kv'][0]
+  score = jax.jit(method.apply_kv).lower(params, frozen, kv).compile()
+  seconds(score, params, frozen, kv)  # Warm-up.
   return {
       'online_step_s': float(np.median(online_s)),
       'cached_step_s': float(np.median(cached_s)),
-      'score_batch_s': seconds(score, params, frozen, first),
+      'score_batch_s': seconds(score, params, frozen, kv),
       'online_compile_s': online_compile, 'cached_compile_s': cached_compile,
       'keep_kv_temp_bytes': online.memory_analysis().temp_size_in_bytes,
   }
+
+
+def image_batch():
+  """An online batch of random images, with the leading device axis."""
+  return common.with_device_axis({
+      'image': np.zeros((BATCH, 224, 224, 3), np.float32),
+      'label': np.zeros(BATCH, np.int32), 'mask': np.ones(BATCH, np.float32)})
 
 
 def recompute_temp_bytes(vit, frozen, tokens):
   """Temporary bytes of the compiled online train step in 'recompute' mode."""
   method = methods.SynQT(vit, synqt.SynQTConfig(
       num_classes=NUM_CLASSES, token_nums=tokens, image_path_memory='recompute'))
-  params = method.init(jax.random.PRNGKey(0), frozen, None)
-  compiled, _, _ = compiled_train_step(
-      method, method.apply, params, frozen,
-      np.zeros((BATCH, 224, 224, 3), np.float32))
+  compiled, _, _ = compiled_train_step(method, frozen, image_batch())
   return compiled.memory_analysis().temp_size_in_bytes
 
 
@@ -249,7 +244,8 @@ def main():
   args = parse_args()
   tokens = [int(t) for t in args.tokens.split(',')]
   load_before = os.getloadavg()
-  vit, frozen = vit_b16()
+  vit = common.VIT_B16
+  frozen = {'backbone': common.random_backbone(vit)}
   replicated = flax.jax_utils.replicate(frozen)
   cache, build = measure_build(vit, frozen, replicated,
                                random_source(BATCH - 1))

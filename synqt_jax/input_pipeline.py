@@ -449,7 +449,7 @@ def _batches(source, global_batch, index_stream, normalization, process_index,
         yield _host_batch(source, indices[layout.host_rows], layout,
                           normalization, pool)
 
-  return _prefetch(host_batches(), prefetch)
+  return prefetched(host_batches(), prefetch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -499,7 +499,7 @@ def _host_batch(source, indices, layout, normalization, pool):
                             'mask': (indices >= 0).astype(np.float32)})
 
 
-def _prefetch(iterator, size: int):
+def prefetched(iterator, size: int):
   """Runs `iterator` in a background thread, up to `size` items ahead."""
   buffer = queue.Queue(maxsize=max(size, 1))
   stopped = threading.Event()
