@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import json
 import platform
+import time
 
 import jax
 import jax.numpy as jnp
@@ -110,6 +111,23 @@ def compiled_step(name, vit, batch_size, abstract=True):
   """The compiled pmapped train step of method `name` and its inputs."""
   inputs = method_inputs(name, vit, batch_size, abstract=abstract)
   return pmapped_train_step().lower(*inputs).compile(), inputs
+
+
+def step_seconds(compiled, state, frozen, batches, steps):
+  """Seconds of each of `steps` runs of the compiled train step on `batches`.
+
+  One untimed warm-up step on the first batch comes first; each timed step
+  runs from fetching its batch to its metrics, threading the (donated) state.
+  """
+  state, metrics = compiled(state, frozen, next(batches))
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, metrics = compiled(state, frozen, next(batches))
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  return times
 
 
 def backend_description():

@@ -92,22 +92,12 @@ def compiled_train_step(method, frozen, batch):
 
 
 def timed_steps(method, frozen, batches, steps):
-  """Seconds of `steps` train steps, each from fetching its batch to its loss.
-
-  Returns (seconds per step, compile seconds, the compiled step); one
-  untimed step warms up first.
-  """
+  """`common.step_seconds` of `method` on `batches`, with the compile seconds and step."""
   first = next(batches)
   compiled, (state, frozen), compile_s = compiled_train_step(method, frozen,
                                                              first)
-  state, metrics = compiled(state, frozen, first)
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    state, metrics = compiled(state, frozen, next(batches))
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
+  times = common.step_seconds(compiled, state, frozen,
+                              itertools.chain([first], batches), steps)
   return times, compile_s, compiled
 
 

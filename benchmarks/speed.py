@@ -8,6 +8,8 @@ achieved fraction of the machine's matrix-multiply peak, measured in the same ru
 as the time of a large float32 matmul. Ratios are to full fine-tuning.
 """
 import dataclasses
+import itertools
+import statistics
 import time
 
 from absl import app
@@ -47,7 +49,7 @@ def timed(fn, steps):
     start = time.perf_counter()
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - start)
-  return sorted(times)[len(times) // 2]
+  return statistics.median_high(times)
 
 
 def matmul_peak(size, steps=5):
@@ -68,14 +70,10 @@ def step_flops(compiled):
 def measure(name, vit, batch_size, steps):
   compiled, (state, frozen, batch) = common.compiled_step(name, vit, batch_size,
                                                           abstract=False)
-  holder = [state]
-
-  def step():
-    holder[0], metrics = compiled(holder[0], frozen, batch)
-    return metrics
-
-  step()  # Warm-up.
-  return Speed(name, batch_size, timed(step, steps), step_flops(compiled))
+  times = common.step_seconds(compiled, state, frozen, itertools.repeat(batch),
+                              steps)
+  return Speed(name, batch_size, statistics.median_high(times),
+               step_flops(compiled))
 
 
 def main(argv):
