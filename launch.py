@@ -24,6 +24,7 @@ import jax
 from ml_collections import config_flags
 
 from synqt_jax import checkpoint
+from synqt_jax import config_fields
 from synqt_jax import config_validation
 from synqt_jax import export
 from synqt_jax import folders
@@ -84,6 +85,9 @@ def train(argv):
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError('Training needs --config and --workdir.')
   initialize_distributed()
+  for override in config_flags.get_override_values(flags.FLAGS[_CONFIG.name]):
+    if config_fields.deprecation(override):
+      logging.warning(config_fields.deprecation(override))
   try:
     train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except SETUP_ERRORS as e:

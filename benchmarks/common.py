@@ -26,7 +26,6 @@ from synqt_jax import train
 VIT_B16 = models_vit.ViTConfig(hidden_size=768, num_layers=12, num_heads=12,
                                mlp_dim=3072, patch_size=16, image_size=224)
 NUM_CLASSES = 100
-METHODS = ('linear', 'synqt', 'lora', 'full')  # Tables' order: least memory first.
 STEPS_PER_EPOCH = 16  # 1000 VTAB-1k training images in batches of 64.
 
 
@@ -60,7 +59,8 @@ def initial_state(method, frozen, abstract=True):
   def create(frozen):
     params = method.init(jax.random.PRNGKey(0), frozen, None)
     return train.TrainState.create(apply_fn=method.apply, params=params,
-                                   tx=optimizer, rng=jax.random.PRNGKey(1))
+                                   tx=optimizer, rng=jax.random.PRNGKey(1),
+                                   method=method)
 
   return jax.eval_shape(create, frozen) if abstract else jax.jit(create)(frozen)
 
@@ -70,7 +70,7 @@ def method_inputs(name, vit, batch_size, num_classes=NUM_CLASSES, abstract=True)
 
   Full fine-tuning holds the backbone once, in its trainable state.
   """
-  method = methods.create(name, vit, num_classes)
+  method = methods.create(name, vit, num_classes, common_config.get_config())
   backbone = backbone_shapes(vit) if abstract else random_backbone(vit)
   frozen = {'backbone': backbone}
   state = initial_state(method, frozen, abstract)

@@ -29,7 +29,7 @@ from synqt_jax import methods
 GIB = 2 ** 30
 
 _BATCH_SIZES = flags.DEFINE_string('batch_sizes', '1,8,32,64,128', 'Comma-separated.')
-_METHODS = flags.DEFINE_string('methods', ','.join(common.METHODS), 'Comma-separated.')
+_METHODS = flags.DEFINE_string('methods', ','.join(methods.METHODS), 'Comma-separated.')
 _MEASURE = flags.DEFINE_bool('measure', False,
                              'Also measure the peak of a real step, a process per point.')
 _MEASURE_ONE = flags.DEFINE_string('measure_one', None,
@@ -107,7 +107,7 @@ def measure_in_fresh_process(name, batch_size):
   return Point(**json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-def compiled_memory_table(vit, batch_sizes, names=common.METHODS, measure=False):
+def compiled_memory_table(vit, batch_sizes, names=methods.METHODS, measure=False):
   """Points for every method and batch size (XLA analysis; measured peak if asked)."""
   table = []
   for batch_size in batch_sizes:
@@ -148,7 +148,7 @@ def print_table(table):
 def plot(table):
   """Step memory against batch size, one line per method (XLA's total)."""
   fig, ax = plt.subplots(figsize=(6, 4))
-  for name in common.METHODS:
+  for name in methods.METHODS:
     points = sorted((p.batch_size, p.total_bytes / GIB) for p in table if p.method == name)
     if points:
       ax.plot(*zip(*points), marker='o', label=name)

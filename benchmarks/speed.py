@@ -18,10 +18,11 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import common
+from synqt_jax import methods
 
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Images per step.')
 _STEPS = flags.DEFINE_integer('steps', 3, 'Timed steps per method, after one warm-up.')
-_METHODS = flags.DEFINE_string('methods', ','.join(common.METHODS), 'Comma-separated.')
+_METHODS = flags.DEFINE_string('methods', ','.join(methods.METHODS), 'Comma-separated.')
 _MATMUL = flags.DEFINE_integer('matmul_size', 4096, 'Side of the peak-FLOP/s matmul.')
 _JSON = flags.DEFINE_string('json', None, 'Write the table here.')
 

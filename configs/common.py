@@ -1,42 +1,46 @@
 """The fields every config has, with the SynQT reference's VTAB-1k recipe.
 
 Task configs (`vtab1k.py`, `fgvc.py`, `tiny.py`) start from `get_config()` and
-change only what differs. `{workdir}` in `checkpoint.source` or `data.root` is
-replaced by the run's workdir.
+change only what differs. `{workdir}` in `backbone.source` or `data.root` is
+replaced by the run's workdir. Each tuning method's own section
+(`config.synqt`, `config.lora`, `config.full`) comes from its fields in the
+registry, synqt_jax/methods.py.
 """
 import ml_collections
 from ml_collections import config_dict
 
-from synqt_jax import input_pipeline
+from synqt_jax import config_fields
+from synqt_jax import methods
 
 
 def get_config():
   config = ml_collections.ConfigDict()
-  config.method = 'synqt'
+  config.method = 'synqt'  # One of methods.METHODS.
 
-  # The frozen backbone: a path, gs:// or https:// URL, or a published name.
-  config.checkpoint = ml_collections.ConfigDict(dict(
+  # The frozen pre-trained backbone: a path, gs:// or https:// URL, or a
+  # published name. (`config.checkpoint` is a deprecated alias of it.)
+  config.backbone = ml_collections.ConfigDict(dict(
       source='ViT-B_16', collection='imagenet21k',
       cache_dir=config_dict.placeholder(str)))
 
   # `data.image_size` is also the model's resolution (the checkpoint's
   # position embedding is interpolated when it differs).
-  config.data = input_pipeline.default_data_config(
-      root=config_dict.placeholder(str),
+  config.data = ml_collections.ConfigDict({
+      **config_fields.DATA_DEFAULTS, 'root': config_dict.placeholder(str),
       # VTAB trains on train800val200, which holds val200: no val score.
-      val_split=config_dict.placeholder(str))
+      'val_split': config_dict.placeholder(str)})
 
-  config.synqt = ml_collections.ConfigDict(dict(
-      token_nums=4, attn_scale=1.0, ffn_scale=0.1, feat_scale=0.1,
-      dropout=0.1, drop_path=0.1, head_drop_path=0.3,
-      # What online training keeps of the image path for the backward pass:
-      # 'keep_kv' (every block's K/V) or 'recompute' (~1/6 of the step's
-      # temporaries, twice the image-path compute; synqt_jax/image_path_memory.py).
-      image_path_memory='keep_kv'))
+  for name, registered in methods.REGISTRY.items():
+    if registered.fields:
+      config[name] = config_fields.section(registered.fields)
 
-  # AdamW (decoupled weight decay on every trainable tensor), learning rate
-  # per step: linear warm-up from 0, then half-cycle cosine to min_lr.
+  # optax.<name>(learning_rate, **kwargs): kwargs are the fields below that
+  # are its parameters (b1, b2, eps, weight_decay for AdamW: PyTorch's AdamW,
+  # decoupled weight decay on every trainable tensor) and `optax`, e.g.
+  # name='sgd', optax={'momentum': 0.9}. Learning rate per step: linear
+  # warm-up from 0, then half-cycle cosine to min_lr.
   config.optim = ml_collections.ConfigDict(dict(
+      name=config_fields.DEFAULT_OPTIMIZER, optax={},
       lr=1e-3, weight_decay=1e-2, b1=0.9, b2=0.999, eps=1e-8,
       batch_size=64, epochs=50, warmup_epochs=10, min_lr=1e-6))
 
@@ -56,7 +60,11 @@ def get_config():
   config.checkpoint_every_steps = 200
   config.keep_checkpoints = 3
   config.seed = 42
-  config.dtype = 'float32'  # Activations; 'bfloat16' halves their memory.
+  config.dtype = 'float32'  # Activations (methods.DTYPES); 'bfloat16' halves their memory.
   config.tensorboard = True
-  config.demo = None  # tiny.py: generate a checkpoint and data in the workdir.
+  # 'module.function' called with the resolved config before the run reads
+  # its backbone and data (tiny.py: synqt_jax.demo.prepare writes them).
+  config.prepare = config_dict.placeholder(str)
+  config.demo = None  # tiny.py: the generated checkpoint's and data's sizes.
+  config_fields.add_aliases(config)
   return config

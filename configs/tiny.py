@@ -13,11 +13,12 @@ from configs import common
 
 def get_config():
   config = common.get_config()
-  config.checkpoint.source = '{workdir}/tiny_vit.npz'
+  config.backbone.source = '{workdir}/tiny_vit.npz'
   # Any 10-class task's folder layout will do; the images are generated.
   config.data.update(dict(source='folder', task='eurosat',
                           root='{workdir}/tiny_data', image_size=32,
                           normalization='inception'))
+  config.prepare = 'synqt_jax.demo.prepare'
   config.demo = ml_collections.ConfigDict(dict(
       width=32, depth=1, heads=2, mlp=64, patch=8, scale=0.1, seed=0,
       train_examples=320, test_examples=200))

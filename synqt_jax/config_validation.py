@@ -2,15 +2,16 @@
 
 The fields and their defaults are in configs/common.py.
 """
-import numbers
+import inspect
 
+import optax
+
+from synqt_jax import config_fields
+from synqt_jax import feature_cache
 from synqt_jax import input_pipeline
 from synqt_jax import methods
 
-DTYPES = ('float32', 'bfloat16')
-FEATURE_CACHES = ('none', 'device', 'host', 'disk')
-CACHE_DTYPES = ('float32', 'bfloat16')
-IMAGE_PATH_MEMORY = ('keep_kv', 'recompute')
+FEATURE_CACHES = ('none',) + feature_cache.MODES
 
 
 class ConfigError(ValueError):
@@ -29,83 +30,95 @@ def _get(config, name):
 def _check(config, name, ok, expected):
   value = _get(config, name)
   if not ok(value):
-    raise ConfigError(f'config.{name}={value!r}; expected {expected}.')
+    raise ConfigError(f'config.{name}={value!r}{config_fields.alias_note(name)}; '
+                      f'expected {expected}.')
 
 
-def _is_int(x):
-  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _is_real(x):
-  return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _positive_int(x):
-  return _is_int(x) and x > 0
-
-
-def _fraction(x):
-  """A probability of dropping: 0 <= x < 1."""
-  return _is_real(x) and 0 <= x < 1
+def _check_fields(config, section, fields):
+  for field in fields:
+    _check(config, f'{section}.{field.name}', field.ok, field.expected)
 
 
 def validate(config) -> None:
   """Raises ConfigError (or DataConfigError for `data.*`) on the first bad field."""
   _check(config, 'method', lambda x: x in methods.METHODS,
          f'one of {methods.METHODS}')
-  _check(config, 'checkpoint.source', lambda x: isinstance(x, str) and x,
+  method = _get(config, 'method')
+  registered = methods.REGISTRY[method]
+  _check(config, 'backbone.source', lambda x: isinstance(x, str) and x,
          'a checkpoint path, URL or name such as "ViT-B_16"')
-  _check(config, 'checkpoint.collection', lambda x: isinstance(x, str),
+  _check(config, 'backbone.collection', lambda x: isinstance(x, str),
          'a collection name such as "imagenet21k"')
-  _check(config, 'checkpoint.cache_dir',
+  _check(config, 'backbone.cache_dir',
          lambda x: x is None or isinstance(x, str) and x,
          'a directory, or None for the default cache')
   input_pipeline.validate_data_config(_get(config, 'data'))
-
-  _check(config, 'synqt.token_nums', _positive_int, 'a positive int (1, 4, 16)')
-  for scale in ('attn_scale', 'ffn_scale', 'feat_scale'):
-    _check(config, f'synqt.{scale}', _is_real, 'a number')
-  for rate in ('dropout', 'drop_path', 'head_drop_path'):
-    _check(config, f'synqt.{rate}', _fraction, 'a rate in [0, 1)')
-  _check(config, 'synqt.image_path_memory', lambda x: x in IMAGE_PATH_MEMORY,
-         f'one of {IMAGE_PATH_MEMORY}')
+  # The method's own section, checked by the fields it declares.
+  if registered.fields:
+    _check_fields(config, method, registered.fields)
 
   optim = _get(config, 'optim')
-  _check(config, 'optim.lr', lambda x: _is_real(x) and x > 0, 'a number > 0')
-  _check(config, 'optim.min_lr', lambda x: _is_real(x) and 0 <= x <= optim.lr,
+  _check(config, 'optim.name', lambda x: _optax_parameters(x) is not None,
+         "the name of an optax optimizer, such as 'adamw', 'adam', 'sgd' or "
+         "'lamb'")
+  parameters = _optax_parameters(optim.name)
+  _check(config, 'optim.optax',
+         lambda x: hasattr(x, 'keys') and set(x.keys()) <= parameters,
+         f'a dict of keyword arguments of optax.{optim.name} '
+         f'({", ".join(sorted(parameters))})')
+  _check(config, 'optim.lr', lambda x: config_fields.is_real(x) and x > 0, 'a number > 0')
+  _check(config, 'optim.min_lr', lambda x: config_fields.is_real(x) and 0 <= x <= optim.lr,
          f'a number in [0, optim.lr={optim.lr}]')
-  _check(config, 'optim.weight_decay', lambda x: _is_real(x) and x >= 0,
+  _check(config, 'optim.weight_decay', lambda x: config_fields.is_real(x) and x >= 0,
          'a number >= 0')
   for beta in ('b1', 'b2'):
-    _check(config, f'optim.{beta}', _fraction, 'a number in [0, 1)')
-  _check(config, 'optim.eps', lambda x: _is_real(x) and x > 0, 'a number > 0')
-  _check(config, 'optim.batch_size', _positive_int, 'a positive int')
-  _check(config, 'optim.epochs', _positive_int, 'a positive int')
+    _check(config, f'optim.{beta}', config_fields.fraction, 'a number in [0, 1)')
+  _check(config, 'optim.eps', lambda x: config_fields.is_real(x) and x > 0, 'a number > 0')
+  _check(config, 'optim.batch_size', config_fields.positive_int, 'a positive int')
+  _check(config, 'optim.epochs', config_fields.positive_int, 'a positive int')
   _check(config, 'optim.warmup_epochs',
-         lambda x: _is_int(x) and 0 <= x <= optim.epochs,
+         lambda x: config_fields.is_int(x) and 0 <= x <= optim.epochs,
          f'an int in [0, optim.epochs={optim.epochs}]')
 
   _check(config, 'train.feature_cache', lambda x: x in FEATURE_CACHES,
          f'one of {FEATURE_CACHES}')
-  _check(config, 'train.cache_dtype', lambda x: x in CACHE_DTYPES,
-         f'one of {CACHE_DTYPES}')
+  _check(config, 'train.cache_dtype', lambda x: x in feature_cache.STORAGE_DTYPES,
+         f'one of {tuple(feature_cache.STORAGE_DTYPES)}')
   _check(config, 'train.deferred_eval', lambda x: isinstance(x, bool),
          'True or False')
-  # Both read the image path's K/V apart from the query path: SynQT only.
-  method = _get(config, 'method')
+  # Both read the image path's K/V apart from the query path.
+  kv_methods = tuple(name for name, entry in methods.REGISTRY.items()
+                     if entry.reads_cached_kv)
   _check(config, 'train.feature_cache',
-         lambda x: x == 'none' or method == 'synqt',
-         f"'none' with method={method!r} (a feature cache serves 'synqt' only)")
-  _check(config, 'train.deferred_eval',
-         lambda x: not x or method == 'synqt',
-         f"False with method={method!r} (deferred evaluation serves 'synqt' "
+         lambda x: x == 'none' or registered.reads_cached_kv,
+         f"'none' with method={method!r} (a feature cache serves {kv_methods} "
          'only)')
+  _check(config, 'train.deferred_eval',
+         lambda x: not x or registered.reads_cached_kv,
+         f'False with method={method!r} (deferred evaluation serves '
+         f'{kv_methods} only)')
   for name in ('train.log_every_steps', 'eval_every_epochs', 'eval_batch_size',
                'checkpoint_every_steps', 'keep_checkpoints'):
-    _check(config, name, _positive_int, 'a positive int')
-  _check(config, 'seed', lambda x: _is_int(x) and x >= 0, 'an int >= 0')
-  _check(config, 'dtype', lambda x: x in DTYPES, f'one of {DTYPES}')
+    _check(config, name, config_fields.positive_int, 'a positive int')
+  _check(config, 'seed', lambda x: config_fields.is_int(x) and x >= 0, 'an int >= 0')
+  _check(config, 'dtype', lambda x: x in methods.DTYPES,
+         f'one of {tuple(methods.DTYPES)}')
   _check(config, 'tensorboard', lambda x: isinstance(x, bool), 'True or False')
+  _check(config, 'prepare',
+         lambda x: x is None or config_fields.function(x) is not None,
+         "None, or 'module.function' (importable), e.g. "
+         "'synqt_jax.demo.prepare'")
+
+
+def _optax_parameters(name):
+  """The parameters of optax.<name> besides the learning rate, or None if
+  that is not an optimizer (a function of a learning rate)."""
+  function = getattr(optax, name, None) if isinstance(name, str) else None
+  try:
+    parameters = set(inspect.signature(function).parameters)
+  except (TypeError, ValueError):
+    return None
+  return parameters - {'learning_rate'} if 'learning_rate' in parameters else None
 
 
 def validate_device_split(config, device_count: int) -> None:

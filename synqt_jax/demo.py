@@ -1,7 +1,8 @@
 """Offline demo assets: a tiny random ViT checkpoint and a learnable image task.
 
-configs/tiny.py points `checkpoint.source` and `data.root` into the workdir and
-sets `config.demo`; `prepare(config)` writes whatever of the two is missing, so
+configs/tiny.py points `backbone.source` and `data.root` into the workdir, sets
+`config.demo`, and names `prepare` as the run's `config.prepare` hook, which
+the trainer calls first; `prepare(config)` writes whatever of the two is missing, so
 the whole training path (checkpoint loading, prepared-folder reading, training,
 evaluation) runs without a download.
 
@@ -24,8 +25,8 @@ from synqt_jax import tasks
 def prepare(config) -> None:
   """Writes the demo checkpoint and data set if they are absent."""
   demo = config.demo
-  if not os.path.exists(config.checkpoint.source):
-    _write_atomically(config.checkpoint.source, lambda path: random_vit.write(
+  if not os.path.exists(config.backbone.source):
+    _write_atomically(config.backbone.source, lambda path: random_vit.write(
         path, width=demo.width, depth=demo.depth, heads=demo.heads,
         mlp=demo.mlp, patch=demo.patch, image=config.data.image_size,
         classes=10, pre_logits=False, seed=demo.seed, scale=demo.scale))

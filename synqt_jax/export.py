@@ -2,8 +2,8 @@
 
 An export is an `.npz` holding the trainable parameters under their flat
 '/'-joined names and, under `__metadata__`, a JSON string with the config
-fields that rebuild the model (method, SynQT settings, backbone checkpoint,
-task, resolution, normalisation, dtype). The frozen backbone is not in it: it
+fields that rebuild the model (method, the method's own config section,
+backbone checkpoint, task, resolution, normalisation, dtype). The frozen backbone is not in it: it
 is the shared pre-trained checkpoint, named in the metadata.
 """
 import json
@@ -24,12 +24,14 @@ class ExportError(ValueError):
 
 def metadata(config, **extra) -> dict:
   """The config fields `predict` needs to rebuild the model, plus `extra`."""
+  method = config.method
   return {
       'format_version': FORMAT_VERSION,
       'config': {
-          'method': config.method,
-          'synqt': config.synqt.to_dict(),
-          'checkpoint': config.checkpoint.to_dict(),
+          'method': method,
+          # The method's section, when it has one (`methods.REGISTRY`).
+          **({method: config[method].to_dict()} if method in config else {}),
+          'backbone': config.backbone.to_dict(),
           'data': {key: config.data[key]
                    for key in ('task', 'image_size', 'normalization')},
           'dtype': config.dtype,

@@ -12,11 +12,14 @@ Flax RNG streams ('dropout', 'drop_path') to keys in training.
 """
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 from synqt_jax import baselines
+from synqt_jax import checkpoint
+from synqt_jax import config_fields
 from synqt_jax import image_path_memory
 from synqt_jax import models_vit
 from synqt_jax import synqt
@@ -70,25 +73,115 @@ def trainable_count(trainable: Any) -> int:
   return int(sum(x.size for x in jax.tree_util.tree_leaves(trainable)))
 
 
-METHODS = ('synqt', 'linear', 'full', 'lora')
+# --- The registry: every method the trainer can run, by name. ---
+
+@dataclasses.dataclass(frozen=True)
+class Registered:
+  """A method as the trainer knows it: its class, its config section, how to build it.
+
+  `fields` are the section `config.<name>`: their values are the `options`
+  given to `build(vit, num_classes, options, config)` (default:
+  `cls(vit, num_classes, **options)`); `config` is the whole run config (an
+  export's has no `train` section).
+  """
+  cls: type
+  fields: tuple[config_fields.Field, ...] = ()
+  build: Callable[..., Any] | None = None
+
+  @property
+  def reads_cached_kv(self) -> bool:
+    """Whether it can train on, and be scored from, stored image-path K/V."""
+    return hasattr(self.cls, 'apply_kv')
+
+  def create(self, vit, num_classes, options, config):
+    if self.build is not None:
+      return self.build(vit, num_classes, options, config)
+    return self.cls(vit, num_classes, **options)
 
 
-def create(name, vit: models_vit.ViTConfig, num_classes, synqt_options=None,
-           lora_rank=8):
-  """The method called `name` ('synqt', 'linear', 'full' or 'lora') for a ViT."""
-  if name == 'synqt':
-    return SynQT(vit, synqt.SynQTConfig(num_classes=num_classes,
-                                        **(synqt_options or {})))
-  if name == 'linear':
-    return baselines.LinearProbe(vit, num_classes)
-  if name == 'full':
-    return baselines.FullFineTune(vit, num_classes)
-  if name == 'lora':
-    return baselines.LoRA(vit, num_classes, rank=lora_rank, alpha=float(lora_rank))
-  raise ValueError(f'method={name!r}; expected one of {METHODS}.')
+def _rate(name, default):
+  return config_fields.Field(name, default, config_fields.fraction,
+                             'a rate in [0, 1)')
+
+
+def _drop_path(default):
+  """Stochastic depth of a baseline's backbone; block i drops at i * rate / (L - 1)."""
+  return _rate('drop_path', default)
+
+
+def _synqt(vit, num_classes, options, config):
+  """With a feature cache the image path has no stochastic depth: its cached
+  K/V are computed once, without it (SynQTConfig.image_drop_path=False)."""
+  cached = config.get('train', {}).get('feature_cache', 'none') != 'none'
+  return SynQT(vit, synqt.SynQTConfig(num_classes=num_classes,
+                                      image_drop_path=not cached, **options))
+
+
+_real = functools.partial(config_fields.Field, ok=config_fields.is_real,
+                          expected='a number')
+
+# Listed least accelerator memory first (the benchmarks' table order).
+REGISTRY = {
+    'linear': Registered(baselines.LinearProbe),
+    'synqt': Registered(
+        SynQT, build=_synqt, fields=(
+            config_fields.Field('token_nums', 4, config_fields.positive_int,
+                                'a positive int (1, 4, 16)'),
+            _real('attn_scale', 1.0), _real('ffn_scale', 0.1),
+            _real('feat_scale', 0.1),
+            _rate('dropout', 0.1), _rate('drop_path', 0.1),
+            _rate('head_drop_path', 0.3),
+            # What online training keeps of the image path for the backward
+            # pass: 'keep_kv' (every block's K/V) or 'recompute' (~1/6 of the
+            # step's temporaries, twice the image-path compute).
+            config_fields.Field('image_path_memory', 'keep_kv',
+                                lambda x: x in synqt.IMAGE_PATH_MEMORY,
+                                f'one of {synqt.IMAGE_PATH_MEMORY}'))),
+    'lora': Registered(
+        baselines.LoRA, fields=(
+            config_fields.Field('rank', 8, config_fields.positive_int,
+                                'a positive int'),
+            # The update is scaled by alpha / rank.
+            config_fields.Field('alpha', 8.0,
+                                lambda x: config_fields.is_real(x) and x > 0,
+                                'a number > 0'),
+            _drop_path(0.0))),
+    'full': Registered(baselines.FullFineTune, fields=(_drop_path(0.1),)),
+}
+METHODS = tuple(REGISTRY)
+# bfloat16 halves the activations' memory; the parameters stay float32.
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def registered(name) -> Registered:
+  if name not in REGISTRY:
+    raise ValueError(f'method={name!r}; expected one of {METHODS}.')
+  return REGISTRY[name]
+
+
+def create(name, vit: models_vit.ViTConfig, num_classes, config):
+  """The method called `name` for a ViT, with its options from `config.<name>`.
+
+  A section absent from `config` (an older export's) takes the defaults.
+  """
+  entry = registered(name)
+  section = config.get(name)
+  options = {f.name: f.default for f in entry.fields}
+  options.update(section.to_dict() if section is not None else {})
+  return entry.create(vit, num_classes, options, config)
 
 
 def from_config(config, vit: models_vit.ViTConfig):
   """The method `config.method` names, for the task `config.data.task`."""
-  return create(config.method, vit, tasks.get_task(config.data.task).num_classes,
-                synqt_options=config.synqt.to_dict())
+  return create(config.method, vit,
+                tasks.get_task(config.data.task).num_classes, config)
+
+
+def create_method(config):
+  """(method, frozen) for `config`: the backbone (`config.backbone`) loaded headless."""
+  vit, backbone = checkpoint.load(
+      config.backbone.source, image_size=config.data.image_size,
+      collection=config.backbone.collection,
+      cache_dir=config.backbone.cache_dir, headless=True,
+      dtype=DTYPES[config.dtype])
+  return from_config(config, vit), {'backbone': backbone}

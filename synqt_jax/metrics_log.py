@@ -3,11 +3,15 @@
 One JSON object per line, keyed by `step` (optimizer updates done). A resumed
 run first drops the lines past its checkpoint, so a run interrupted and resumed
 writes the same lines as one that was not (up to timing fields).
+`StepMetrics` holds each step's metrics on the device until they are written,
+so training never waits on the host between steps.
 """
 import json
 import os
+import time
 
 import jax
+import tqdm
 
 
 def metric_writers():
@@ -70,3 +74,48 @@ class MetricsLog:
       self._file.close()
     if self._writer is not None:
       self._writer.close()
+
+
+class StepMetrics:
+  """The train steps' device metrics, held until `write` (no per-step sync).
+
+  `write` fetches them with `fetch` (one device's copy as host arrays),
+  writes one line per step with its epoch, adds the images per second since
+  the last write to the last line, and moves the progress bar.
+  """
+
+  def __init__(self, log: MetricsLog, fetch, *, start_step: int,
+               total_steps: int, steps_per_epoch: int, batch_size: int):
+    self._log, self._fetch = log, fetch
+    self._steps_per_epoch, self._batch_size = steps_per_epoch, batch_size
+    self._pending = []  # (steps done, device metrics)
+    self._window_start = time.perf_counter()
+    self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step',
+                          disable=jax.process_index() != 0, desc='Training')
+
+  def add(self, step: int, device_metrics) -> None:
+    """Holds the metrics of the step that made `step` updates."""
+    self._pending.append((step, device_metrics))
+
+  def write(self) -> None:
+    """Writes the metrics of the steps added since the last call."""
+    if not self._pending:
+      return
+    values = self._fetch([m for _, m in self._pending])
+    images_per_sec = (len(self._pending) * self._batch_size /
+                      (time.perf_counter() - self._window_start))
+    last = self._pending[-1][0]
+    for (step, _), step_metrics in zip(self._pending, values):
+      scalars = {'epoch': step / self._steps_per_epoch,
+                 **{k: float(v) for k, v in step_metrics.items()}}
+      if step == last:
+        scalars['images_per_sec'] = images_per_sec
+      self._log.write(step, scalars)
+    self._bar.set_postfix(loss=f'{scalars["loss"]:.4f}',
+                          lr=f'{scalars["learning_rate"]:.2e}',
+                          img_s=f'{images_per_sec:.0f}')
+    self._bar.update(len(self._pending))
+    self._pending, self._window_start = [], time.perf_counter()
+
+  def close(self) -> None:
+    self._bar.close()

@@ -5,13 +5,13 @@
 import os
 
 import jax
-import ml_collections
 import numpy as np
 
+from synqt_jax import config_fields
 from synqt_jax import export
 from synqt_jax import folders
 from synqt_jax import input_pipeline
-from synqt_jax import train
+from synqt_jax import methods
 
 
 def export_path(workdir=None, export_file=None):
@@ -39,11 +39,12 @@ class Predictor:
 
   def __init__(self, path, checkpoint_source=None):
     self.params, self.metadata = export.load(path)
-    config = ml_collections.ConfigDict(self.metadata['config'])
+    # (An older export names the backbone `checkpoint`.)
+    config = config_fields.from_dict(self.metadata['config'])
     if checkpoint_source:
-      config.checkpoint.source = checkpoint_source
+      config.backbone.source = checkpoint_source
     self.config = config
-    self.method, self.frozen = train.create_method(config)
+    self.method, self.frozen = methods.create_method(config)
     self._apply = jax.jit(self.method.apply)
 
   def probabilities(self, images):

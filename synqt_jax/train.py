@@ -1,7 +1,13 @@
 """Trains a tuning method on one task and reports its test accuracy.
 
-`train_and_evaluate(config, workdir)` is the whole run (launch.py calls it):
-the frozen backbone is replicated to every device once; `train_step` and
+`train_and_evaluate(config, workdir)` is the whole run (launch.py calls it),
+a short sequence of steps: prepare the workdir, load the data, build the
+method and its train state, restore the latest checkpoint, choose the batch
+source (online or a feature cache) and the evaluator (immediate or deferred),
+then train; the loop only asks each policy whether it is time to log,
+evaluate or save.
+
+The frozen backbone is replicated to every device once; `train_step` and
 `eval_step` run under `jax.pmap` over all local devices, with gradients and
 counts summed over all devices of all hosts, so one code path serves one CPU,
 eight GPUs and a pod slice. Everything random is a function of (seed, step),
@@ -22,14 +28,17 @@ Workdir contents: config.json, checkpoints/ (orbax), metrics.jsonl and
 TensorBoard events, results.json and export.npz (the trained task parameters)
 when done; feature_cache/ and deferred_eval/ when those are on.
 """
+import contextlib
 import dataclasses
 import functools
+import inspect
 import json
 import os
 import signal
-import time
+from typing import Any
 
 from absl import logging
+from flax import struct
 from flax.training import train_state
 import jax
 from jax.experimental import multihost_utils
@@ -37,12 +46,10 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tqdm
 
-from synqt_jax import checkpoint
+from synqt_jax import config_fields
 from synqt_jax import config_validation
 from synqt_jax import deferred_eval
-from synqt_jax import demo
 from synqt_jax import export
 from synqt_jax import feature_cache
 from synqt_jax import input_pipeline
@@ -51,18 +58,20 @@ from synqt_jax import metrics_log
 from synqt_jax import train_checkpoints
 
 AXIS = 'batch'  # The pmapped axis: one entry per device of every host.
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 class TrainState(train_state.TrainState):
-  """Trainable parameters, AdamW state, step, and the run's base RNG key."""
+  """Trainable parameters, optimizer state, step, and the run's base RNG key."""
   rng: jax.Array  # Raw uint32 key; step and device keys are folded from it.
+  method: Any = struct.field(pytree_node=False, default=None)  # methods.*
 
+
+# --- Configuration and data. ---
 
 def resolve_workdir_paths(config, workdir):
-  """A copy of `config` with `{workdir}` in checkpoint.source and data.root filled in."""
+  """A copy of `config` with `{workdir}` in backbone.source and data.root filled in."""
   config = config.copy_and_resolve_references()
-  for section, field in (('checkpoint', 'source'), ('data', 'root')):
+  for section, field in (('backbone', 'source'), ('data', 'root')):
     value = config[section][field]
     if isinstance(value, str):
       config[section][field] = value.replace('{workdir}',
@@ -70,25 +79,45 @@ def resolve_workdir_paths(config, workdir):
   return config
 
 
-def create_method(config):
-  """(method, frozen) for `config`: the backbone is loaded headless.
+def prepare_run(config, workdir):
+  """The resolved, validated config; the workdir made and config.json written.
 
-  With a feature cache the image path has no stochastic depth (its cached K/V
-  are computed once, without it): SynQTConfig.image_drop_path=False.
+  `config.prepare` ('module.function', e.g. synqt_jax.demo.prepare) is then
+  called with the config: it may write what the run reads.
   """
-  vit, backbone = checkpoint.load(
-      config.checkpoint.source, image_size=config.data.image_size,
-      collection=config.checkpoint.collection,
-      cache_dir=config.checkpoint.cache_dir, headless=True,
-      dtype=DTYPES[config.dtype])
-  method = methods.from_config(config, vit)
-  # (An export's config, read by predict.py, may hold no `train` section.)
-  if config.get('train', {}).get('feature_cache', 'none') != 'none':
-    method = dataclasses.replace(
-        method, config=dataclasses.replace(method.config,
-                                           image_drop_path=False))
-  return method, {'backbone': backbone}
+  config = resolve_workdir_paths(config, workdir)
+  config_validation.validate(config)
+  config_validation.validate_device_split(config, jax.device_count())
+  os.makedirs(workdir, exist_ok=True)
+  if config.prepare:
+    config_fields.function(config.prepare)(config)
+  _write_json(os.path.join(workdir, 'config.json'),
+              config_fields.without_aliases(config.to_dict()))
+  return config
 
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+  """The task's splits and the run's length in steps."""
+  train: input_pipeline.Source
+  evaluation: dict[str, input_pipeline.Source]  # 'test', and 'val' if any.
+  steps_per_epoch: int
+  total_steps: int
+
+  @classmethod
+  def load(cls, config):
+    data = config.data
+    train = input_pipeline.load_source(data, data.train_split, in_memory=True)
+    evaluation = {'test': input_pipeline.load_source(data, data.test_split)}
+    if data.val_split:
+      evaluation['val'] = input_pipeline.load_source(data, data.val_split)
+    steps_per_epoch = input_pipeline.steps_per_epoch(len(train),
+                                                     config.optim.batch_size)
+    return cls(train, evaluation, steps_per_epoch,
+               config.optim.epochs * steps_per_epoch)
+
+
+# --- Optimizer and state. ---
 
 def learning_rate_schedule(optim, steps_per_epoch):
   """The reference's per-step learning rate, indexed by optimizer step.
@@ -103,10 +132,25 @@ def learning_rate_schedule(optim, steps_per_epoch):
       decay_steps=optim.epochs * steps_per_epoch, end_value=optim.min_lr)
 
 
+def optimizer_arguments(optim):
+  """(name, kwargs) of the optax optimizer `optim` describes.
+
+  kwargs: the `optim` fields that are parameters of optax.<name> (b1, b2, eps
+  and weight_decay for the default AdamW), updated by `optim.optax`.
+  """
+  name = optim.get('name', config_fields.DEFAULT_OPTIMIZER)
+  parameters = inspect.signature(getattr(optax, name)).parameters
+  kwargs = {k: v for k, v in optim.items()
+            if k in parameters and k != 'learning_rate'}
+  kwargs.update(optim.get('optax', {}))
+  return name, kwargs
+
+
 def create_optimizer(optim, learning_rate_fn):
-  """PyTorch's AdamW: decoupled weight decay on every trainable tensor."""
-  return optax.adamw(learning_rate_fn, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                     weight_decay=optim.weight_decay)
+  """optax.<optim.name>(learning_rate_fn, ...); AdamW is PyTorch's AdamW
+  (decoupled weight decay on every trainable tensor)."""
+  name, kwargs = optimizer_arguments(optim)
+  return getattr(optax, name)(learning_rate_fn, **kwargs)
 
 
 def create_train_state(method, frozen, optimizer, seed, image_size):
@@ -115,7 +159,7 @@ def create_train_state(method, frozen, optimizer, seed, image_size):
   images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   params = method.init(init_rng, frozen, images)
   state = TrainState.create(apply_fn=method.apply, params=params, tx=optimizer,
-                            rng=run_rng)
+                            rng=run_rng, method=method)
   return jax.tree.map(np.asarray, jax.device_get(state))
 
 
@@ -144,26 +188,23 @@ def unreplicate(tree):
       tree)
 
 
-def logits_of(apply_fn, params, frozen, batch, train, rngs=None):
+# --- The steps under pmap. ---
+
+def logits_of(method, params, frozen, batch, train, rngs=None):
   """The model's logits for a batch; the one place that reads its inputs.
 
-  A batch holds 'image' (online: `apply_fn`, a method's `apply`) or 'kv'
-  (cached image-path K/V, `feature_cache`: the `apply_kv` of the method that
-  `apply_fn` is bound to, which runs only the query path).
+  A batch holds 'image' (online: `method.apply`) or 'kv' (cached image-path
+  K/V, `feature_cache`: `method.apply_kv`, which runs only the query path).
   """
   if 'kv' in batch:
-    method = getattr(apply_fn, '__self__', None)
-    if not hasattr(method, 'apply_kv'):
-      raise ValueError('A batch of cached K/V needs a method with apply_kv '
-                       f'(SynQT); got apply_fn={apply_fn!r}.')
     # bfloat16 is a storage format (train.cache_dtype): compute in the model's.
     kv = batch['kv'].astype(method.vit.dtype)
     return method.apply_kv(params, frozen, kv, train=train, rngs=rngs)
-  return apply_fn(params, frozen, batch['image'], train=train, rngs=rngs)
+  return method.apply(params, frozen, batch['image'], train=train, rngs=rngs)
 
 
 def train_step(state, frozen, batch, learning_rate_fn):
-  """One AdamW update on the global batch (run under pmap, axis 'batch').
+  """One optimizer update on the global batch (run under pmap, axis 'batch').
 
   The loss is the mean cross-entropy over the real (mask 1) examples of the
   global batch, and so is the gradient, whatever the device count. Each device
@@ -177,7 +218,7 @@ def train_step(state, frozen, batch, learning_rate_fn):
   global_count = jax.lax.psum(batch['mask'].sum(), AXIS)
 
   def loss_fn(params):
-    logits = logits_of(state.apply_fn, params, frozen, batch, True, rngs)
+    logits = logits_of(state.method, params, frozen, batch, True, rngs)
     losses = optax.softmax_cross_entropy_with_integer_labels(
         logits.astype(jnp.float32), batch['label'])
     return jnp.sum(batch['mask'] * losses) / global_count
@@ -191,25 +232,174 @@ def train_step(state, frozen, batch, learning_rate_fn):
   return state.apply_gradients(grads=grads), metrics
 
 
-def eval_step(apply_fn, params, frozen, batch):
+def eval_step(method, params, frozen, batch):
   """Correct predictions and real examples in the global batch (under pmap)."""
-  logits = logits_of(apply_fn, params, frozen, batch, False)
+  logits = logits_of(method, params, frozen, batch, False)
   correct = (jnp.argmax(logits, -1) == batch['label']) * batch['mask']
   return jax.lax.psum({'correct': correct.sum(), 'count': batch['mask'].sum()},
                       AXIS)
 
 
-def evaluate(p_eval_step, params, frozen, source, config):
-  """Accuracy on `source` (every example once; all hosts get the same)."""
-  correct = count = 0
-  for batch in input_pipeline.eval_batches(
-      source, config.eval_batch_size,
-      normalization=config.data.normalization):
-    counts = unreplicate(p_eval_step(params, frozen, batch))
-    correct += int(counts['correct'])
-    count += int(counts['count'])
-  return correct / count
+# --- Batch source: online, or from a feature cache. ---
 
+def open_train_batches(config, workdir, method, frozen, p_frozen, data,
+                       start_step):
+  """The training batches from `start_step` on: online, or cached K/V.
+
+  With `train.feature_cache` the training split's image-path K/V are built
+  (or reused) in <workdir>/feature_cache/ first; `frozen` is the host copy of
+  the frozen parameters, `p_frozen` the replicated one.
+  """
+  num_steps = data.total_steps - start_step
+  if config.train.feature_cache == 'none':
+    return input_pipeline.train_batches(
+        data.train, config.optim.batch_size, seed=config.seed,
+        normalization=config.data.normalization, start_step=start_step,
+        num_steps=num_steps)
+  logging.info(
+      "Feature cache '%s' (%s): stochastic depth on the image path is off "
+      '(its K/V are computed once, without it); the query path keeps its '
+      'drop path (config.%s.drop_path) as configured.',
+      config.train.feature_cache, config.train.cache_dtype, config.method)
+  fingerprint = feature_cache.fingerprint(
+      backbone_digest=feature_cache.backbone_digest(frozen), vit=method.vit,
+      data_config=config.data, split=config.data.train_split)
+  cache = feature_cache.build(
+      method, p_frozen, data.train, normalization=config.data.normalization,
+      mode=config.train.feature_cache, storage_dtype=config.train.cache_dtype,
+      batch_size=config.eval_batch_size,
+      directory=os.path.join(os.path.abspath(workdir), 'feature_cache'),
+      name='train', fingerprint=fingerprint)
+  logging.info('Feature cache: %s.', cache.provenance)
+  return cache.batches(config.optim.batch_size, seed=config.seed,
+                       start_step=start_step, num_steps=num_steps)
+
+
+# --- Evaluators: immediate or deferred, over every evaluation split. ---
+
+class Evaluator:
+  """Scores the trainable parameters at every evaluation point, on each split.
+
+  The points are every `eval_every_epochs` epochs and the last step. An
+  evaluation is {'step', 'epoch', '<split>_accuracy', ...}; points kept for a
+  deferred evaluation (also those of a resumed run's earlier part) are
+  scored by `finish`.
+  """
+
+  def __init__(self, config, workdir, method, p_frozen, data, log, history):
+    self._config, self._workdir = config, workdir
+    self._method, self._p_frozen = method, p_frozen
+    self._data, self._log = data, log
+    self.evaluations = list(history.get('evaluations', []))
+    self.deferred = list(history.get('deferred_evaluations', []))
+    self._kept = {}  # step -> trainable parameters (host numpy) of this run.
+
+  def is_time(self, step) -> bool:
+    epoch, end_of_epoch = divmod(step, self._data.steps_per_epoch)
+    return step == self._data.total_steps or (
+        end_of_epoch == 0 and epoch % self._config.eval_every_epochs == 0)
+
+  def __call__(self, step, p_params) -> None:
+    """Evaluates (or keeps for later) the replicated parameters at `step`."""
+    raise NotImplementedError
+
+  def history(self) -> dict:
+    """What a checkpoint keeps so that a resumed run reports the same."""
+    return {'evaluations': self.evaluations,
+            'deferred_evaluations': self.deferred}
+
+  def _point(self, step):
+    return {'step': step, 'epoch': step // self._data.steps_per_epoch}
+
+  def _report(self, evaluation):
+    self._log.write(evaluation['step'],
+                    {k: v for k, v in evaluation.items() if k != 'step'})
+    logging.info('Epoch %d: %s', evaluation['epoch'], evaluation)
+
+  def finish(self) -> list[dict]:
+    """Every evaluation, in step order, the deferred ones scored now."""
+    if self.deferred:
+      logging.info('Deferred evaluation of %d parameter sets (steps %s).',
+                   len(self.deferred), [p['step'] for p in self.deferred])
+      parameter_sets = [
+          self._kept[p['step']] if p['step'] in self._kept
+          else export.load(_kept_params_path(self._workdir, p['step']))[0]
+          for p in self.deferred]
+      scored = [dict(p) for p in self.deferred]
+      for name, source in self._data.evaluation.items():
+        scores = deferred_eval.evaluate(
+            self._method, self._p_frozen, parameter_sets, source,
+            self._config.eval_batch_size,
+            normalization=self._config.data.normalization)
+        for evaluation, accuracy in zip(scored, scores.accuracies):
+          evaluation[f'{name}_accuracy'] = accuracy
+      for evaluation in scored:
+        self._report(evaluation)
+      self.evaluations = sorted(self.evaluations + scored,
+                                key=lambda e: e['step'])
+      self._log.flush()
+    return self.evaluations
+
+
+class ImmediateEvaluator(Evaluator):
+  """Evaluates at each point: one backbone pass per split and point."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self._p_eval_step = jax.pmap(functools.partial(eval_step, self._method),
+                                 axis_name=AXIS)
+
+  def __call__(self, step, p_params):
+    evaluation = self._point(step)
+    for name, source in self._data.evaluation.items():
+      evaluation[f'{name}_accuracy'] = self._accuracy(p_params, source)
+    self.evaluations.append(evaluation)
+    self._report(evaluation)
+
+  def _accuracy(self, p_params, source):
+    """Accuracy on `source` (every example once; all hosts get the same)."""
+    correct = count = 0
+    for batch in input_pipeline.eval_batches(
+        source, self._config.eval_batch_size,
+        normalization=self._config.data.normalization):
+      counts = unreplicate(self._p_eval_step(p_params, self._p_frozen, batch))
+      correct += int(counts['correct'])
+      count += int(counts['count'])
+    return correct / count
+
+
+class DeferredEvaluator(Evaluator):
+  """Keeps the parameters of each point; `finish` scores them all together."""
+
+  def __call__(self, step, p_params):
+    point = self._point(step)
+    # A copy: the next step donates the replicated buffers.
+    self._kept[step] = jax.tree.map(np.array, unreplicate(p_params))
+    path = _kept_params_path(self._workdir, step)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    export.save(path, self._kept[step], dict(point))
+    self.deferred.append(point)
+    logging.info('Epoch %d: parameters kept for the deferred evaluation.',
+                 point['epoch'])
+
+
+def _kept_params_path(workdir, step):
+  """Where the trainable parameters of the evaluation point at `step` are kept.
+
+  One file per process, so hosts sharing a workdir never write the same file.
+  """
+  return os.path.join(os.path.abspath(workdir), 'deferred_eval',
+                      f'step_{step}.process_{jax.process_index()}.npz')
+
+
+def create_evaluator(config, workdir, method, p_frozen, data, log,
+                     history) -> Evaluator:
+  """The evaluator `config.train.deferred_eval` chooses."""
+  kind = DeferredEvaluator if config.train.deferred_eval else ImmediateEvaluator
+  return kind(config, workdir, method, p_frozen, data, log, history)
+
+
+# --- Checkpoints and preemption. ---
 
 class Preemption:
   """SIGTERM sets a flag; the loop saves at the next step and exits cleanly."""
@@ -233,6 +423,57 @@ class Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
+class Checkpointing:
+  """When the run saves: every `checkpoint_every_steps`, at the last step, and
+  at the step after a SIGTERM, after which it stops (`preempted`).
+
+  A context manager: SIGTERM is caught inside it; on exit the saves in
+  flight are finished.
+  """
+
+  def __init__(self, config, workdir, total_steps):
+    self._every, self._total_steps = config.checkpoint_every_steps, total_steps
+    self._checkpoints = train_checkpoints.TrainCheckpoints(
+        os.path.join(os.path.abspath(workdir), 'checkpoints'),
+        config.keep_checkpoints)
+    self._preemption = None
+    self.preempted = False
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    self._checkpoints.wait_until_finished()
+    self._checkpoints.close()
+    if self._preemption is not None:
+      self._preemption.restore()
+
+  def restore(self, state):
+    """(state, history): the newest checkpoint's, or `state` and no history."""
+    restored = self._checkpoints.restore_latest(state)
+    if restored is None:
+      return state, {}
+    state, metadata = restored
+    logging.info('Resuming from the checkpoint at step %d.', int(state.step))
+    return state, metadata
+
+  def catch_sigterm(self):
+    """From here on a SIGTERM ends the run at the next step, saved."""
+    self._preemption = Preemption()
+
+  def is_time(self, step) -> bool:
+    """Whether to save after `step` (every host asks at every step)."""
+    self.preempted = self._preemption.requested()
+    return (step % self._every == 0 or step == self._total_steps
+            or self.preempted)
+
+  def save(self, step, p_state, history):
+    self._checkpoints.save(step, unreplicate(p_state),
+                           {'data_position': step, **history})
+
+
+# --- The run. ---
+
 def results_summary(config, evaluations, trainable_params):
   """results.json: the final accuracy first, the best-of-evaluations beside it."""
   final = evaluations[-1]
@@ -250,69 +491,8 @@ def results_summary(config, evaluations, trainable_params):
                          'optimistic, not a held-out choice)'},
       'evaluations': evaluations,
       'trainable_params': trainable_params,
-      'checkpoint': config.checkpoint.source,
+      'checkpoint': config.backbone.source,
   }
-
-
-def build_feature_cache(config, workdir, method, frozen, replicated_frozen,
-                        train_source):
-  """The training split's K/V cache (config.train.feature_cache), in <workdir>/feature_cache/."""
-  logging.info(
-      "Feature cache '%s' (%s): stochastic depth on the image path is off "
-      '(its K/V are computed once, without it); the query path keeps its '
-      'drop path (synqt.drop_path=%s) as configured.',
-      config.train.feature_cache, config.train.cache_dtype,
-      config.synqt.drop_path)
-  fingerprint = feature_cache.fingerprint(
-      backbone_digest=feature_cache.backbone_digest(frozen), vit=method.vit,
-      data_config=config.data, split=config.data.train_split)
-  cache = feature_cache.build(
-      method, replicated_frozen, train_source,
-      normalization=config.data.normalization,
-      mode=config.train.feature_cache,
-      storage_dtype=config.train.cache_dtype,
-      batch_size=config.eval_batch_size,
-      directory=os.path.join(os.path.abspath(workdir), 'feature_cache'),
-      name='train', fingerprint=fingerprint)
-  logging.info('Feature cache: %s.', cache.provenance)
-  return cache
-
-
-def _kept_params_path(workdir, step):
-  """Where the trainable parameters of the evaluation point at `step` are kept.
-
-  One file per process, so hosts sharing a workdir never write the same file.
-  """
-  return os.path.join(os.path.abspath(workdir), 'deferred_eval',
-                      f'step_{step}.process_{jax.process_index()}.npz')
-
-
-def keep_params(workdir, point, params):
-  """Writes the parameters of evaluation `point` ({'step', 'epoch'}) to the workdir."""
-  path = _kept_params_path(workdir, point['step'])
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  export.save(path, params, dict(point))
-
-
-def evaluate_deferred(method, frozen, points, kept, workdir, eval_sources,
-                      config):
-  """The evaluations of `points`, as separate evaluations would give them.
-
-  `kept` maps step -> parameters held in memory; the rest (a resumed run's
-  earlier points) are read from the workdir. One backbone pass per split.
-  """
-  parameter_sets = [
-      kept[p['step']] if p['step'] in kept
-      else export.load(_kept_params_path(workdir, p['step']))[0]
-      for p in points]
-  evaluations = [{'step': p['step'], 'epoch': p['epoch']} for p in points]
-  for name, source in eval_sources.items():
-    scores = deferred_eval.evaluate(
-        method, frozen, parameter_sets, source, config.eval_batch_size,
-        normalization=config.data.normalization)
-    for evaluation, accuracy in zip(evaluations, scores.accuracies):
-      evaluation[f'{name}_accuracy'] = accuracy
-  return evaluations
 
 
 def _write_json(path, data):
@@ -321,173 +501,83 @@ def _write_json(path, data):
       json.dump(data, f, indent=2)
 
 
-def train_and_evaluate(config, workdir):
-  """Trains (or resumes) in `workdir`; returns the results, or None if preempted."""
-  config = resolve_workdir_paths(config, workdir)
-  config_validation.validate(config)
-  config_validation.validate_device_split(config, jax.device_count())
-  os.makedirs(workdir, exist_ok=True)
-  if config.demo:
-    demo.prepare(config)
-  _write_json(os.path.join(workdir, 'config.json'), config.to_dict())
-
-  train_source = input_pipeline.load_source(config.data, config.data.train_split,
-                                            in_memory=True)
-  eval_sources = {'test': input_pipeline.load_source(config.data,
-                                                     config.data.test_split)}
-  if config.data.val_split:
-    eval_sources['val'] = input_pipeline.load_source(config.data,
-                                                     config.data.val_split)
-  steps_per_epoch = input_pipeline.steps_per_epoch(len(train_source),
-                                                   config.optim.batch_size)
-  total_steps = config.optim.epochs * steps_per_epoch
-  learning_rate_fn = learning_rate_schedule(config.optim, steps_per_epoch)
-
-  method, frozen = create_method(config)
-  state = create_train_state(method, frozen,
-                             create_optimizer(config.optim, learning_rate_fn),
-                             config.seed, config.data.image_size)
-  # What the trainable state took over (full fine-tuning's backbone) is not
-  # also kept frozen: the devices hold it once.
-  frozen = {k: v for k, v in frozen.items() if k not in state.params}
-  trainable_params = methods.trainable_count(state.params)
+def log_run(config, data, state):
+  name, kwargs = optimizer_arguments(config.optim)
   logging.info('Task %s: %d training images, %d steps of %d (%d epochs). '
                'Trainable parameters: %d (the reference\'s unused pre_norm and '
-               'combine weight vector are left out).', train_source.name,
-               len(train_source), total_steps, config.optim.batch_size,
-               config.optim.epochs, trainable_params)
+               'combine weight vector are left out). Optimizer: optax.%s(%s).',
+               data.train.name, len(data.train), data.total_steps,
+               config.optim.batch_size, config.optim.epochs,
+               methods.trainable_count(state.params), name,
+               ', '.join(f'{k}={v!r}' for k, v in kwargs.items()))
   logging.info('Devices: %d in all, %d on this host (process %d of %d): %s.',
                jax.device_count(), jax.local_device_count(),
                jax.process_index(), jax.process_count(), jax.local_devices())
 
-  checkpoints = train_checkpoints.TrainCheckpoints(
-      os.path.join(os.path.abspath(workdir), 'checkpoints'),
-      config.keep_checkpoints)
-  restored = checkpoints.restore_latest(state)
-  evaluations = []
-  deferred = []  # Evaluation points ({'step', 'epoch'}) not yet scored.
-  kept = {}  # step -> trainable parameters (host numpy) of deferred points.
-  if restored is not None:
-    state, metadata = restored
-    evaluations = metadata['evaluations']
-    deferred = metadata.get('deferred_evaluations', [])
-    logging.info('Resuming from the checkpoint at step %d.', int(state.step))
-  start_step = int(state.step)
 
-  unreplicated_frozen = frozen
-  frozen = replicate(frozen)
-  p_state = replicate(state)
-  cache = None
-  if config.train.feature_cache != 'none':
-    cache = build_feature_cache(config, workdir, method, unreplicated_frozen,
-                                frozen, train_source)
-  del unreplicated_frozen
-  p_train_step = jax.pmap(
-      functools.partial(train_step, learning_rate_fn=learning_rate_fn),
-      axis_name=AXIS, donate_argnums=(0,))
-  p_eval_step = jax.pmap(functools.partial(eval_step, method.apply),
-                         axis_name=AXIS)
-  metrics = metrics_log.MetricsLog(workdir, start_step, config.tensorboard)
-  preemption = Preemption()
+def train_and_evaluate(config, workdir):
+  """Trains (or resumes) in `workdir`; returns the results, or None if preempted."""
+  config = prepare_run(config, workdir)
+  data = Data.load(config)
+  schedule = learning_rate_schedule(config.optim, data.steps_per_epoch)
+  method, frozen = methods.create_method(config)
+  state = create_train_state(method, frozen,
+                             create_optimizer(config.optim, schedule),
+                             config.seed, config.data.image_size)
+  # What the trainable state took over (full fine-tuning's backbone) is not
+  # also kept frozen: the devices hold it once.
+  frozen = {k: v for k, v in frozen.items() if k not in state.params}
+  log_run(config, data, state)
 
-  if cache is not None:
-    batches = cache.batches(config.optim.batch_size, seed=config.seed,
-                            start_step=start_step,
-                            num_steps=total_steps - start_step)
-  else:
-    batches = input_pipeline.train_batches(
-        train_source, config.optim.batch_size, seed=config.seed,
-        normalization=config.data.normalization, start_step=start_step,
-        num_steps=total_steps - start_step)
-  pending = []  # (step, device metrics) not yet written: no per-step sync.
-  window_start = time.perf_counter()
-  bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step',
-                  disable=jax.process_index() != 0, desc='Training')
+  with contextlib.ExitStack() as stack:
+    checkpoints = stack.enter_context(
+        Checkpointing(config, workdir, data.total_steps))
+    state, history = checkpoints.restore(state)
+    start_step = int(state.step)
+    p_state, p_frozen = replicate(state), replicate(frozen)
+    batches = stack.enter_context(contextlib.closing(open_train_batches(
+        config, workdir, method, frozen, p_frozen, data, start_step)))
+    del frozen  # The host copy: the devices have theirs.
+    log = stack.enter_context(contextlib.closing(metrics_log.MetricsLog(
+        workdir, start_step, config.tensorboard)))
+    step_metrics = stack.enter_context(contextlib.closing(
+        metrics_log.StepMetrics(
+            log, unreplicate, start_step=start_step,
+            total_steps=data.total_steps,
+            steps_per_epoch=data.steps_per_epoch,
+            batch_size=config.optim.batch_size)))
+    evaluator = create_evaluator(config, workdir, method, p_frozen, data, log,
+                                 history)
+    p_train_step = jax.pmap(
+        functools.partial(train_step, learning_rate_fn=schedule),
+        axis_name=AXIS, donate_argnums=(0,))
+    checkpoints.catch_sigterm()
 
-  def write_pending():
-    """Writes the metrics of the steps run since the last call."""
-    nonlocal pending, window_start
-    if not pending:
-      return
-    values = unreplicate([m for _, m in pending])
-    images_per_sec = (len(pending) * config.optim.batch_size /
-                      (time.perf_counter() - window_start))
-    for (step, _), step_metrics in zip(pending, values):
-      scalars = {'epoch': (step + 1) / steps_per_epoch,
-                 **{k: float(v) for k, v in step_metrics.items()}}
-      if step == pending[-1][0]:
-        scalars['images_per_sec'] = images_per_sec
-      metrics.write(step + 1, scalars)
-    bar.set_postfix(loss=f'{scalars["loss"]:.4f}',
-                    lr=f'{scalars["learning_rate"]:.2e}',
-                    img_s=f'{images_per_sec:.0f}')
-    bar.update(len(pending))
-    pending, window_start = [], time.perf_counter()
-
-  try:
-    for step in range(start_step, total_steps):
-      p_state, step_metrics = p_train_step(p_state, frozen, next(batches))
-      pending.append((step, step_metrics))
-      done = step + 1
-      if done % config.train.log_every_steps == 0:
-        write_pending()
-      epoch, end_of_epoch = divmod(done, steps_per_epoch)
-      if done == total_steps or (
-          end_of_epoch == 0 and epoch % config.eval_every_epochs == 0):
-        write_pending()
-        evaluation = {'step': done, 'epoch': epoch}
-        if config.train.deferred_eval:
-          # A copy: the next step donates the replicated buffers.
-          kept[done] = jax.tree.map(np.array, unreplicate(p_state.params))
-          keep_params(workdir, evaluation, kept[done])
-          deferred.append(evaluation)
-          logging.info('Epoch %d: parameters kept for the deferred '
-                       'evaluation.', epoch)
-        else:
-          for name, source in eval_sources.items():
-            evaluation[f'{name}_accuracy'] = evaluate(
-                p_eval_step, p_state.params, frozen, source, config)
-          evaluations.append(evaluation)
-          metrics.write(done, {k: v for k, v in evaluation.items()
-                               if k != 'step'})
-          logging.info('Epoch %d: %s', epoch, evaluation)
-      preempted = preemption.requested()
-      if (done % config.checkpoint_every_steps == 0 or done == total_steps
-          or preempted):
-        write_pending()
-        metrics.flush()
-        checkpoints.save(done, unreplicate(p_state),
-                         {'data_position': done, 'evaluations': evaluations,
-                          'deferred_evaluations': deferred})
-      if preempted:
+    for step in range(start_step + 1, data.total_steps + 1):  # Updates done.
+      p_state, metrics = p_train_step(p_state, p_frozen, next(batches))
+      step_metrics.add(step, metrics)
+      if step % config.train.log_every_steps == 0:
+        step_metrics.write()
+      if evaluator.is_time(step):
+        step_metrics.write()
+        evaluator(step, p_state.params)
+      if checkpoints.is_time(step):
+        step_metrics.write()
+        log.flush()
+        checkpoints.save(step, p_state, evaluator.history())
+      if checkpoints.preempted:
         logging.warning('SIGTERM: saved the checkpoint at step %d; exiting. '
-                        'Run again with the same workdir to resume.', done)
+                        'Run again with the same workdir to resume.', step)
         return None
-    if deferred:
-      logging.info('Deferred evaluation of %d parameter sets (steps %s).',
-                   len(deferred), [p['step'] for p in deferred])
-      scored = evaluate_deferred(method, frozen, deferred, kept, workdir,
-                                 eval_sources, config)
-      for evaluation in scored:
-        metrics.write(evaluation['step'], {k: v for k, v in evaluation.items()
-                                           if k != 'step'})
-        logging.info('Epoch %d: %s', evaluation['epoch'], evaluation)
-      evaluations = sorted(evaluations + scored, key=lambda e: e['step'])
-      metrics.flush()
-  finally:
-    batches.close()
-    bar.close()
-    checkpoints.wait_until_finished()
-    checkpoints.close()
-    metrics.close()
-    preemption.restore()
+    evaluations = evaluator.finish()
 
-  results = results_summary(config, evaluations, trainable_params)
+  results = results_summary(config, evaluations,
+                            methods.trainable_count(state.params))
   _write_json(os.path.join(workdir, 'results.json'), results)
   if jax.process_index() == 0:
-    params = unreplicate(p_state.params)
-    export.save(os.path.join(workdir, 'export.npz'), params,
-                export.metadata(config, step=total_steps,
+    export.save(os.path.join(workdir, 'export.npz'),
+                unreplicate(p_state.params),
+                export.metadata(config, step=data.total_steps,
                                 test_accuracy=results['test_accuracy']))
   logging.info('Test accuracy %.4f after %d epochs (best of evaluations, '
                'selected on the test set: %.4f).', results['test_accuracy'],

@@ -28,7 +28,7 @@ def test_every_vtab_task_has_a_config_with_the_reference_values():
     assert (synqt.token_nums, synqt.attn_scale, synqt.ffn_scale,
             synqt.feat_scale) == vtab1k.HPARAMS[task]
     assert config.optim.to_dict() == dict(
-        lr=1e-3, weight_decay=1e-2, b1=0.9, b2=0.999, eps=1e-8, batch_size=64,
+        name='adamw', optax={}, lr=1e-3, weight_decay=1e-2, b1=0.9, b2=0.999, eps=1e-8, batch_size=64,
         epochs=50, warmup_epochs=10, min_lr=1e-6)
     assert (synqt.dropout, synqt.drop_path, synqt.head_drop_path) == (
         0.1, 0.1, 0.3)
