@@ -30,8 +30,9 @@ def _get(config, name):
 def _check(config, name, ok, expected):
   value = _get(config, name)
   if not ok(value):
-    raise ConfigError(f'config.{name}={value!r}{config_fields.alias_note(name)}; '
-                      f'expected {expected}.')
+    shown = value.to_dict() if hasattr(value, 'to_dict') else value  # One line.
+    raise ConfigError(f'config.{name}={shown!r}{config_fields.alias_note(name)}'
+                      f'; expected {expected}.')
 
 
 def _check_fields(config, section, fields):

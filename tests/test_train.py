@@ -19,6 +19,7 @@ import pytest
 from synqt_jax import demo
 from synqt_jax import export
 from synqt_jax import input_pipeline
+from synqt_jax import methods
 from synqt_jax import predict
 from synqt_jax import train
 from training_runs import compilation_cache  # pylint: disable=unused-import
@@ -104,7 +105,7 @@ def test_loss_is_the_mean_over_real_examples_and_padding_is_ignored(
     tmp_path, compilation_cache):
   config = train.resolve_workdir_paths(tiny_config(**NO_DROPOUT), tmp_path)
   demo.prepare(config)
-  method, frozen = train.create_method(config)
+  method, frozen = methods.create_method(config)
   schedule = train.learning_rate_schedule(config.optim, 7)
   state = train.replicate(train.create_train_state(
       method, frozen, train.create_optimizer(config.optim, schedule), 0, 32))

@@ -23,6 +23,7 @@ from training_runs import tiny_config
 from synqt_jax import config_validation
 from synqt_jax import demo
 from synqt_jax import feature_cache
+from synqt_jax import methods
 from synqt_jax import train
 
 # No stochastic depth anywhere, so the online image path matches the cache's;
@@ -181,10 +182,10 @@ def test_defaults_are_valid_and_image_path_memory_reaches_the_method(tmp_path):
   config_validation.validate(config)
   config = train.resolve_workdir_paths(config, tmp_path)
   demo.prepare(config)
-  method, _ = train.create_method(config)
+  method, _ = methods.create_method(config)
   assert method.config.image_path_memory == 'recompute'
   assert method.config.image_drop_path is False
-  method, _ = train.create_method(
+  method, _ = methods.create_method(
       train.resolve_workdir_paths(tiny_config(), tmp_path))
   assert method.config.image_path_memory == 'keep_kv'
   assert method.config.image_drop_path is True
