@@ -43,6 +43,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 import tqdm
 
+from synqt_jax import config_fields
 from synqt_jax import folders
 from synqt_jax import tasks
 
@@ -64,9 +65,7 @@ class TfdsNotPreparedError(FileNotFoundError):
 
 def default_data_config(**overrides) -> ml_collections.ConfigDict:
   """The data config with the reference's defaults, updated by `overrides`."""
-  defaults = dict(source='tfds', task='cifar100', root=None, image_size=224,
-                  normalization='imagenet', train_split='train800val200',
-                  test_split='test', val_split='val200')
+  defaults = config_fields.DATA_DEFAULTS
   unknown = set(overrides) - set(defaults)
   if unknown:
     raise DataConfigError(f'Unknown data config fields {sorted(unknown)}; '

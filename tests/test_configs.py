@@ -113,14 +113,32 @@ def test_method_factory():
     methods.from_config(config, vit)
 
 
-def test_launch_rejects_a_bad_override_before_any_compute(tmp_path):
-  workdir = tmp_path / 'run'
-  result = subprocess.run(
+def launch_tiny(workdir, *overrides):
+  """launch.py on configs/tiny.py with `overrides`, to its end."""
+  return subprocess.run(
       [sys.executable, os.path.join(REPO, 'launch.py'),
        '--config', os.path.join(REPO, 'configs', 'tiny.py'),
-       '--workdir', str(workdir), '--config.optim.warmup_epochs=11'],
+       '--workdir', str(workdir), *overrides],
       capture_output=True, text=True, timeout=120,
       env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+
+
+def test_launch_rejects_a_bad_override_before_any_compute(tmp_path):
+  workdir = tmp_path / 'run'
+  result = launch_tiny(workdir, '--config.optim.warmup_epochs=11')
   assert result.returncode != 0
   assert 'config.optim.warmup_epochs=11' in result.stderr
+  assert not workdir.exists()
+
+
+def test_launch_takes_the_checkpoint_alias_with_one_warning(tmp_path):
+  """--config.checkpoint.* (the backbone's old name) sets config.backbone.*."""
+  workdir = tmp_path / 'run'
+  result = launch_tiny(workdir, '--config.checkpoint.source=')
+  assert result.returncode != 0
+  warnings = [line for line in result.stderr.splitlines()
+              if 'deprecated' in line]
+  assert len(warnings) == 1 and '--config.backbone.source' in warnings[0]
+  assert ("Error: config.backbone.source='' (also written "
+          'config.checkpoint.source); expected') in result.stderr
   assert not workdir.exists()

@@ -1,7 +1,6 @@
 """Methods by name with their own config sections, the optimizer from the config,
 and `config.backbone` with its deprecated alias `config.checkpoint`."""
 import os
-import subprocess
 import sys
 
 from absl import flags
@@ -181,23 +180,6 @@ def test_the_checkpoint_alias_sets_the_backbone_from_the_command_line(
   resolved = train.resolve_workdir_paths(tiny.get_config(), '/run')
   assert resolved.checkpoint.source == resolved.backbone.source == (
       '/run/tiny_vit.npz')
-
-
-def test_launch_warns_of_the_alias_in_one_line_and_names_the_field(tmp_path):
-  workdir = tmp_path / 'run'
-  result = subprocess.run(
-      [sys.executable, os.path.join(REPO, 'launch.py'),
-       '--config', os.path.join(REPO, 'configs', 'tiny.py'),
-       '--workdir', str(workdir), '--config.checkpoint.source='],
-      capture_output=True, text=True, timeout=120,
-      env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
-  assert result.returncode != 0
-  warnings = [line for line in result.stderr.splitlines()
-              if 'deprecated' in line]
-  assert len(warnings) == 1 and '--config.backbone.source' in warnings[0]
-  assert ("Error: config.backbone.source='' (also written "
-          'config.checkpoint.source); expected') in result.stderr
-  assert not workdir.exists()
 
 
 def test_the_prepare_hook_must_be_a_function():
