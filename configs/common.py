@@ -60,7 +60,8 @@ def get_config():
   config.checkpoint_every_steps = 200
   config.keep_checkpoints = 3
   config.seed = 42
-  config.dtype = 'float32'  # Activations (methods.DTYPES); 'bfloat16' halves their memory.
+  # Activations (one of methods.DTYPES); 'bfloat16' halves their memory.
+  config.dtype = 'float32'
   config.tensorboard = True
   # 'module.function' called with the resolved config before the run reads
   # its backbone and data (tiny.py: synqt_jax.demo.prepare writes them).

@@ -1,6 +1,7 @@
 """Checks a training config before any compute, naming the field that is wrong.
 
-The fields and their defaults are in configs/common.py.
+The fields and their defaults are in configs/common.py; each method's own
+section is checked by the fields it declares in methods.REGISTRY.
 """
 import inspect
 
@@ -67,23 +68,27 @@ def validate(config) -> None:
          lambda x: hasattr(x, 'keys') and set(x.keys()) <= parameters,
          f'a dict of keyword arguments of optax.{optim.name} '
          f'({", ".join(sorted(parameters))})')
-  _check(config, 'optim.lr', lambda x: config_fields.is_real(x) and x > 0, 'a number > 0')
-  _check(config, 'optim.min_lr', lambda x: config_fields.is_real(x) and 0 <= x <= optim.lr,
+  is_real, is_int = config_fields.is_real, config_fields.is_int
+  positive_int = config_fields.positive_int
+  _check(config, 'optim.lr', lambda x: is_real(x) and x > 0, 'a number > 0')
+  _check(config, 'optim.min_lr', lambda x: is_real(x) and 0 <= x <= optim.lr,
          f'a number in [0, optim.lr={optim.lr}]')
-  _check(config, 'optim.weight_decay', lambda x: config_fields.is_real(x) and x >= 0,
+  _check(config, 'optim.weight_decay', lambda x: is_real(x) and x >= 0,
          'a number >= 0')
   for beta in ('b1', 'b2'):
-    _check(config, f'optim.{beta}', config_fields.fraction, 'a number in [0, 1)')
-  _check(config, 'optim.eps', lambda x: config_fields.is_real(x) and x > 0, 'a number > 0')
-  _check(config, 'optim.batch_size', config_fields.positive_int, 'a positive int')
-  _check(config, 'optim.epochs', config_fields.positive_int, 'a positive int')
+    _check(config, f'optim.{beta}', config_fields.fraction,
+           'a number in [0, 1)')
+  _check(config, 'optim.eps', lambda x: is_real(x) and x > 0, 'a number > 0')
+  _check(config, 'optim.batch_size', positive_int, 'a positive int')
+  _check(config, 'optim.epochs', positive_int, 'a positive int')
   _check(config, 'optim.warmup_epochs',
-         lambda x: config_fields.is_int(x) and 0 <= x <= optim.epochs,
+         lambda x: is_int(x) and 0 <= x <= optim.epochs,
          f'an int in [0, optim.epochs={optim.epochs}]')
 
   _check(config, 'train.feature_cache', lambda x: x in FEATURE_CACHES,
          f'one of {FEATURE_CACHES}')
-  _check(config, 'train.cache_dtype', lambda x: x in feature_cache.STORAGE_DTYPES,
+  _check(config, 'train.cache_dtype',
+         lambda x: x in feature_cache.STORAGE_DTYPES,
          f'one of {tuple(feature_cache.STORAGE_DTYPES)}')
   _check(config, 'train.deferred_eval', lambda x: isinstance(x, bool),
          'True or False')
@@ -100,8 +105,8 @@ def validate(config) -> None:
          f'{kv_methods} only)')
   for name in ('train.log_every_steps', 'eval_every_epochs', 'eval_batch_size',
                'checkpoint_every_steps', 'keep_checkpoints'):
-    _check(config, name, config_fields.positive_int, 'a positive int')
-  _check(config, 'seed', lambda x: config_fields.is_int(x) and x >= 0, 'an int >= 0')
+    _check(config, name, positive_int, 'a positive int')
+  _check(config, 'seed', lambda x: is_int(x) and x >= 0, 'an int >= 0')
   _check(config, 'dtype', lambda x: x in methods.DTYPES,
          f'one of {tuple(methods.DTYPES)}')
   _check(config, 'tensorboard', lambda x: isinstance(x, bool), 'True or False')

@@ -2,9 +2,9 @@
 
 configs/tiny.py points `backbone.source` and `data.root` into the workdir, sets
 `config.demo`, and names `prepare` as the run's `config.prepare` hook, which
-the trainer calls first; `prepare(config)` writes whatever of the two is missing, so
-the whole training path (checkpoint loading, prepared-folder reading, training,
-evaluation) runs without a download.
+the trainer calls first; `prepare(config)` writes whatever of the two is
+missing, so the whole training path (checkpoint loading, prepared-folder
+reading, training, evaluation) runs without a download.
 
 The images carry a class signal a small model learns in a few epochs: each
 class has its own colour and its own stripe orientation, under per-image

@@ -3,8 +3,9 @@
 An export is an `.npz` holding the trainable parameters under their flat
 '/'-joined names and, under `__metadata__`, a JSON string with the config
 fields that rebuild the model (method, the method's own config section,
-backbone checkpoint, task, resolution, normalisation, dtype). The frozen backbone is not in it: it
-is the shared pre-trained checkpoint, named in the metadata.
+backbone checkpoint, task, resolution, normalisation, dtype). The frozen
+backbone is not in it: it is the shared pre-trained checkpoint, named in the
+metadata (`backbone`; exports before it was renamed say `checkpoint`).
 """
 import json
 import os

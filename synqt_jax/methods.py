@@ -9,6 +9,12 @@ the optimizer) and computes logits from both:
 
 `frozen` is `{'backbone': <the checkpoint's tree>}` for every method; `rngs` maps
 Flax RNG streams ('dropout', 'drop_path') to keys in training.
+
+`REGISTRY` lists every method by name (`config.method`) with the fields of its
+own config section `config.<name>`: the defaults configs/common.py sets, the
+checks config_validation.py runs and what an export keeps all come from them.
+`create_method` builds the method a config names on its backbone
+(`config.backbone`).
 """
 import dataclasses
 import functools
@@ -75,9 +81,10 @@ def trainable_count(trainable: Any) -> int:
 
 # --- The registry: every method the trainer can run, by name. ---
 
+
 @dataclasses.dataclass(frozen=True)
 class Registered:
-  """A method as the trainer knows it: its class, its config section, how to build it.
+  """A method as the trainer knows it: its class, config section and builder.
 
   `fields` are the section `config.<name>`: their values are the `options`
   given to `build(vit, num_classes, options, config)` (default:
@@ -105,7 +112,7 @@ def _rate(name, default):
 
 
 def _drop_path(default):
-  """Stochastic depth of a baseline's backbone; block i drops at i * rate / (L - 1)."""
+  """A baseline's backbone stochastic depth: block i drops at i * rate / (L - 1)."""
   return _rate('drop_path', default)
 
 
@@ -178,7 +185,7 @@ def from_config(config, vit: models_vit.ViTConfig):
 
 
 def create_method(config):
-  """(method, frozen) for `config`: the backbone (`config.backbone`) loaded headless."""
+  """(method, frozen) for `config`, the backbone (`config.backbone`) headless."""
   vit, backbone = checkpoint.load(
       config.backbone.source, image_size=config.data.image_size,
       collection=config.backbone.collection,

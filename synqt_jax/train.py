@@ -28,6 +28,7 @@ Workdir contents: config.json, checkpoints/ (orbax), metrics.jsonl and
 TensorBoard events, results.json and export.npz (the trained task parameters)
 when done; feature_cache/ and deferred_eval/ when those are on.
 """
+import abc
 import contextlib
 import dataclasses
 import functools
@@ -277,7 +278,7 @@ def open_train_batches(config, workdir, method, frozen, p_frozen, data,
 
 # --- Evaluators: immediate or deferred, over every evaluation split. ---
 
-class Evaluator:
+class Evaluator(abc.ABC):
   """Scores the trainable parameters at every evaluation point, on each split.
 
   The points are every `eval_every_epochs` epochs and the last step. An
@@ -299,9 +300,9 @@ class Evaluator:
     return step == self._data.total_steps or (
         end_of_epoch == 0 and epoch % self._config.eval_every_epochs == 0)
 
+  @abc.abstractmethod
   def __call__(self, step, p_params) -> None:
     """Evaluates (or keeps for later) the replicated parameters at `step`."""
-    raise NotImplementedError
 
   def history(self) -> dict:
     """What a checkpoint keeps so that a resumed run reports the same."""
