@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from synqt_jax import errors
 from synqt_jax import models_vit
 
 GCS_ROOT = 'https://storage.googleapis.com/vit_models'
@@ -29,7 +30,7 @@ GCS_ROOT = 'https://storage.googleapis.com/vit_models'
 COLLECTIONS = ('imagenet21k', 'imagenet21k+imagenet2012', 'augreg')
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError, ValueError):
   """A checkpoint that cannot be used; the message says why and what to do."""
 
 

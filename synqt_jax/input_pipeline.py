@@ -43,6 +43,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 import tqdm
 
+from synqt_jax import errors
 from synqt_jax import folders
 from synqt_jax import tasks
 
@@ -54,11 +55,11 @@ IMAGENET_STD = np.array((0.229, 0.224, 0.225), np.float32)
 Batch = dict[str, np.ndarray]
 
 
-class DataConfigError(ValueError):
+class DataConfigError(errors.UserError, ValueError):
   """A data config field with a bad value; the message names the field."""
 
 
-class TfdsNotPreparedError(FileNotFoundError):
+class TfdsNotPreparedError(errors.UserError, FileNotFoundError):
   """A TFDS dataset that is missing, or not in a random-access format."""
 
 
@@ -181,6 +182,13 @@ class Source(abc.ABC):
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
     ...
 
+  def check_images(self) -> None:
+    """Decodes every image once, so a bad one stops a run before training.
+
+    Only prepared folders need it: arrays are decoded already and TFDS
+    checks its records when it prepares them.
+    """
+
   def __repr__(self) -> str:
     return (f'{type(self).__name__}({self.name!r}, {len(self)} examples, '
             f'{self.num_classes} classes, {self.image_size}px)')
@@ -240,6 +248,9 @@ class FolderSource(Source):
 
   def __len__(self) -> int:
     return len(self._split)
+
+  def check_images(self) -> None:
+    folders.check_images(self._split, self.name)
 
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
     image = folders.load_image(self._split.paths[index],
