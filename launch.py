@@ -168,7 +168,7 @@ def train(argv):
                          '`launch.py predict ...`?')
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError('Training needs --config and --workdir.')
-  workdir_lib.ensure_directory(_WORKDIR.value)
+  workdir_lib.check_directory(_WORKDIR.value)
   initialize_distributed()
   train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 

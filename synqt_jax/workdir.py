@@ -1,6 +1,6 @@
 """A workdir holds one run, used by one process at a time.
 
-  ensure_directory(workdir)      a usable directory, or a UserError saying why not
+  check_directory(workdir)       a usable directory, or a UserError saying why not
   with locked(workdir): ...      no second run on it at once
   check_identity(workdir, config, backbone_digest=...)
                                  the same run as before, or a UserError naming
@@ -48,25 +48,25 @@ class RunMismatchError(errors.UserError):
   """A workdir that holds another run than the config describes."""
 
 
-def ensure_directory(workdir: str) -> None:
-  """Creates `workdir` if needed; WorkdirError if it cannot hold a run.
+def check_directory(workdir: str) -> None:
+  """Raises WorkdirError unless `workdir` is, or can be made, a writable directory.
 
-  Call it first, before anything is written: a path that is a file, lies
-  under a file, or is on a read-only disk gets one line saying so.
+  Call it first: a path that is a file, lies under a file, or is on a
+  read-only disk gets one line saying so. Writes nothing (the probe file is
+  unnamed and gone at once); the trainer creates the directory.
   """
   path = os.path.abspath(workdir)
   if os.path.exists(path) and not os.path.isdir(path):
     raise WorkdirError(f'--workdir {workdir} is a file, not a directory. Give '
                        'a directory (it is created if missing).')
-  parent = os.path.dirname(path)
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
-  if not os.path.isdir(parent):
-    raise WorkdirError(f'--workdir {workdir} is under {parent}, which is a '
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise WorkdirError(f'--workdir {workdir} is under {existing}, which is a '
                        'file. Give a directory path.')
   try:
-    os.makedirs(path, exist_ok=True)
-    with tempfile.TemporaryFile(dir=path):
+    with tempfile.TemporaryFile(dir=existing):
       pass
   except OSError as e:
     raise WorkdirError(f'--workdir {workdir} cannot be written to '

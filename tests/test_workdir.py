@@ -17,11 +17,11 @@ def test_workdir_that_is_a_file_or_under_a_file_is_refused(tmp_path):
   """Defect 7: FileExistsError / NotADirectoryError tracebacks before."""
   (tmp_path / 'file').write_text('x')
   with pytest.raises(workdir.WorkdirError, match='is a file, not a directory'):
-    workdir.ensure_directory(str(tmp_path / 'file'))
+    workdir.check_directory(str(tmp_path / 'file'))
   with pytest.raises(workdir.WorkdirError, match='which is a file'):
-    workdir.ensure_directory(str(tmp_path / 'file' / 'a' / 'b'))
-  workdir.ensure_directory(str(tmp_path / 'new' / 'run'))
-  assert (tmp_path / 'new' / 'run').is_dir()
+    workdir.check_directory(str(tmp_path / 'file' / 'a' / 'b'))
+  workdir.check_directory(str(tmp_path / 'new' / 'run'))
+  assert os.listdir(tmp_path) == ['file']  # Nothing written.
 
 
 def test_read_only_workdir_is_refused(tmp_path, monkeypatch):
@@ -32,7 +32,7 @@ def test_read_only_workdir_is_refused(tmp_path, monkeypatch):
   monkeypatch.setattr(tempfile, 'TemporaryFile', read_only)
   with pytest.raises(workdir.WorkdirError,
                      match=r'cannot be written to \(Read-only file system\)'):
-    workdir.ensure_directory(str(tmp_path))
+    workdir.check_directory(str(tmp_path))
 
 
 HOLD_LOCK = """
