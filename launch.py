@@ -116,14 +116,14 @@ def config_argument(argv) -> str | None:
 
 
 def exit_on_early_sigterm():
-  """Exits cleanly on SIGTERM until the training loop installs its own handler.
+  """Exits cleanly (status 0, not 143) on SIGTERM outside the training loop.
 
-  Before the loop there is nothing to save; without this the process would
-  die with status 143.
+  The loop installs its own handler (it saves a checkpoint, then exits);
+  before it there is nothing to save.
   """
   def handle(signum, frame):
     del signum, frame
-    logging.warning('SIGTERM before training started: nothing to save; '
+    logging.warning('SIGTERM outside the training loop: nothing to save; '
                     'exiting.')
     raise SystemExit(0)
 

@@ -126,13 +126,13 @@ def resize(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
   image, so the result is bit-identical to the reference's inputs.
 
   Args:
-    image: a PIL image, or a uint8 array [H, W], [H, W, 1] or [H, W, 3]
-      (grayscale is tiled to 3 channels).
+    image: a PIL image of any mode (`folders.to_rgb`), or a uint8 array
+      [H, W], [H, W, 1] or [H, W, 3] (grayscale is tiled to 3 channels).
     size: output side.
   """
   if isinstance(image, np.ndarray):
     image = Image.fromarray(_rgb(image))
-  return np.asarray(image.convert('RGB').resize((size, size), Image.BICUBIC))
+  return np.asarray(folders.to_rgb(image).resize((size, size), Image.BICUBIC))
 
 
 def normalize(images: np.ndarray, normalization: str) -> np.ndarray:

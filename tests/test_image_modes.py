@@ -27,6 +27,8 @@ def test_16_bit_png_is_scaled_not_clipped(tmp_path):
   want = np.round(GRADIENT16 / 257).astype(np.uint8)
   for channel in range(3):
     np.testing.assert_array_equal(rgb[..., channel], want)
+  np.testing.assert_array_equal(  # And a 16-bit image handed to resize.
+      input_pipeline.resize(image, 64), rgb)
 
 
 def test_32_bit_integer_and_float_images_are_scaled(tmp_path):
