@@ -16,6 +16,8 @@ filesystem they share; on TPU pod slices and SLURM/Open MPI clusters add
 """
 import logging as python_logging
 import os
+import re
+import signal
 
 from absl import app
 from absl import flags
@@ -23,12 +25,8 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from synqt_jax import checkpoint
 from synqt_jax import config_fields
-from synqt_jax import config_validation
-from synqt_jax import export
-from synqt_jax import folders
-from synqt_jax import input_pipeline
+from synqt_jax import errors
 from synqt_jax import predict as predict_lib
 from synqt_jax import train as train_lib
 
@@ -42,7 +40,8 @@ _EXPORT = flags.DEFINE_string(
 _CHECKPOINT = flags.DEFINE_string(
     'checkpoint', None,
     'predict: backbone checkpoint to use instead of the one the export names.')
-_TOP_K = flags.DEFINE_integer('top_k', 5, 'predict: labels shown per image.')
+_TOP_K = flags.DEFINE_integer('top_k', 5, 'predict: labels shown per image.',
+                             lower_bound=1)
 _MULTIHOST = flags.DEFINE_bool(
     'multihost', False,
     'Call jax.distributed.initialize() (cluster auto-detection).')
@@ -54,11 +53,90 @@ _PROCESS_ID = flags.DEFINE_integer(
     'process_id', None, 'Multi-host: this process\'s index.')
 
 
-# Errors whose message says what to fix: shown without a traceback.
-SETUP_ERRORS = (config_validation.ConfigError, input_pipeline.DataConfigError,
-                input_pipeline.TfdsNotPreparedError, checkpoint.CheckpointError,
-                folders.FolderNotFoundError, folders.SplitFileError,
-                folders.MissingImageError)
+def parse_flags(argv):
+  """absl's flag parsing, a command-line mistake reported as one `Error:` line.
+
+  Also loads the config file, so a missing file, a config argument it
+  rejects (`vtab1k.py:cifar1000`) or an unknown `--config.x.y` field stops
+  here, not as a traceback from the first use of the config.
+  """
+  try:
+    rest = flags.FLAGS(argv)
+    if _CONFIG.value is not None:
+      _CONFIG.value.get('method')  # A config file that failed raises here.
+  except Exception as e:  # pylint: disable=broad-except
+    raise SystemExit(f'Error: {command_line_problem(e, argv)}') from e
+  return rest
+
+
+def command_line_problem(error, argv) -> str:
+  """One line saying what is wrong with the command line `argv`."""
+  user_error = errors.innermost_user_error(error)
+  if user_error is not None:
+    return str(user_error)
+  config_file = config_argument(argv)
+  if isinstance(error, OSError) and 'Failed loading config file' in str(error):
+    path = config_file.split(':', 1)[0]
+    reason = ('no such file' if not os.path.exists(path)
+              else str(error).strip().splitlines()[-1].strip())
+    return (f'--config={config_file}: {reason}. Give a config file such as '
+            'configs/tiny.py or configs/vtab1k.py:cifar100.')
+  if isinstance(error, (AttributeError, KeyError)):
+    *_, innermost = errors.chain(error)  # ConfigDict's KeyError('<field>').
+    name = str(innermost.args[0] if innermost.args else innermost)
+    given = [arg.split('=', 1)[0] for arg in argv
+             if re.match(rf'--config\.(\w+\.)*{re.escape(name)}(=|$)', arg)]
+    hint = re.search(r'Did you mean \W*"(\w+)"', str(error))
+    return (f'{given[0] if given else "--config"}: the config has no field '
+            f'{name!r}' + (f' (did you mean {hint.group(1)!r}?)' if hint else '')
+            + '; the fields are in configs/common.py.')
+  if 'Error whilst parsing config file' in str(error):  # get_config raised.
+    *_, innermost = errors.chain(error)
+    return f'--config={config_file}: {innermost}'
+  if isinstance(error, flags.Error):
+    return (str(error).strip().splitlines()[0]
+            + ' (see --helpshort for the flags).')
+  raise error
+
+
+def config_argument(argv) -> str | None:
+  """The value given to --config in `argv`."""
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg[len('--config='):]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def exit_on_early_sigterm():
+  """Exits cleanly (status 0, not 143) on SIGTERM outside the training loop.
+
+  The loop installs its own handler (it saves a checkpoint, then exits);
+  before it there is nothing to save.
+  """
+  def handle(signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM outside the training loop: nothing to save; '
+                    'exiting.')
+    raise SystemExit(0)
+
+  signal.signal(signal.SIGTERM, handle)
+
+
+def quiet_disk_full_reports():
+  """Drops the background save threads' tracebacks for a full disk.
+
+  Orbax logs every failed stage of a save with its traceback; the run then
+  stops with one `Error:` line (`main`).
+  """
+  logging.get_absl_handler().addFilter(is_not_disk_full_report)
+
+
+def is_not_disk_full_report(record) -> bool:
+  """False for a log record about a full disk (its message or its exception)."""
+  return not (record.exc_info and errors.is_disk_full(record.exc_info[1])
+              or errors.NO_SPACE_LEFT in record.getMessage())
 
 
 def initialize_distributed():
@@ -88,20 +166,15 @@ def train(argv):
   for override in config_flags.get_override_values(flags.FLAGS[_CONFIG.name]):
     if config_fields.deprecation(override):
       logging.warning(config_fields.deprecation(override))
-  try:
-    train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except SETUP_ERRORS as e:
-    raise SystemExit(f'Error: {e}') from e
+  train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 def predict(image_paths):
   if not image_paths:
     raise app.UsageError('predict needs image files.')
-  try:
-    path = predict_lib.export_path(_WORKDIR.value, _EXPORT.value)
-    predictor = predict_lib.Predictor(path, _CHECKPOINT.value)
-  except (*SETUP_ERRORS, FileNotFoundError, export.ExportError) as e:
-    raise SystemExit(f'Error: {e}') from e
+  predict_lib.check_image_files(image_paths)
+  path = predict_lib.export_path(_WORKDIR.value, _EXPORT.value)
+  predictor = predict_lib.Predictor(path, _CHECKPOINT.value)
   for image_path, top in predictor.classify(image_paths, _TOP_K.value):
     labels = '  '.join(f'{label}:{prob:.3f}' for label, prob in top)
     print(f'{image_path}\t{labels}')
@@ -110,11 +183,23 @@ def predict(image_paths):
 def main(argv):
   logging.set_verbosity(logging.INFO)
   quiet_orbax_info()
-  if len(argv) > 1 and argv[1] == 'predict':
-    predict(argv[2:])
-  else:
-    train(argv)
+  quiet_disk_full_reports()
+  exit_on_early_sigterm()
+  try:
+    if len(argv) > 1 and argv[1] == 'predict':
+      predict(argv[2:])
+    else:
+      train(argv)
+  except errors.UserError as e:
+    raise SystemExit(f'Error: {e}') from e
+  except Exception as e:  # pylint: disable=broad-except
+    if errors.is_disk_full(e):
+      raise SystemExit(
+          f'Error: {errors.NO_SPACE_LEFT}. Free some space (or use a workdir '
+          'on a larger disk) and run again: training resumes from the last '
+          'checkpoint.') from e
+    raise
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from synqt_jax import errors
 from synqt_jax import models_vit
 
 GCS_ROOT = 'https://storage.googleapis.com/vit_models'
@@ -29,7 +30,7 @@ GCS_ROOT = 'https://storage.googleapis.com/vit_models'
 COLLECTIONS = ('imagenet21k', 'imagenet21k+imagenet2012', 'augreg')
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError, ValueError):
   """A checkpoint that cannot be used; the message says why and what to do."""
 
 
@@ -134,7 +135,7 @@ def load_npz(path, name=None):
       return {k: np.asarray(f[k]) for k in f.files}
   except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError) as e:
     raise CheckpointError(
-        f'Checkpoint file {name!r} is truncated or corrupt ({type(e).__name__}: {e}). '
+        f'Checkpoint file {name!r} is truncated or corrupt ({errors.unreadable_npz(e)}). '
         f'Delete it and download it again.') from e
 
 

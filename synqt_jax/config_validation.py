@@ -8,6 +8,7 @@ import inspect
 import optax
 
 from synqt_jax import config_fields
+from synqt_jax import errors
 from synqt_jax import feature_cache
 from synqt_jax import input_pipeline
 from synqt_jax import methods
@@ -15,7 +16,7 @@ from synqt_jax import methods
 FEATURE_CACHES = ('none',) + feature_cache.MODES
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError, ValueError):
   """A config field with a bad value; the message names the field."""
 
 

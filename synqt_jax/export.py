@@ -10,16 +10,18 @@ metadata (`backbone`; exports before it was renamed say `checkpoint`).
 import json
 import os
 import tempfile
+import zipfile
 
 import numpy as np
 
 from synqt_jax import checkpoint
+from synqt_jax import errors
 
 METADATA_KEY = '__metadata__'
 FORMAT_VERSION = 1
 
 
-class ExportError(ValueError):
+class ExportError(errors.UserError, ValueError):
   """A file that is not a readable export."""
 
 
@@ -59,14 +61,21 @@ def save(path, params, meta: dict) -> None:
 
 
 def load(path):
-  """(params, metadata) of an export written by `save`."""
+  """(params, metadata) of an export written by `save`; ExportError if unreadable."""
+  if not os.path.isfile(path):
+    raise ExportError(f'Export file {path!r} does not exist. Give the '
+                      'export.npz of a finished run (or its workdir).')
   try:
     with np.load(path, allow_pickle=False) as f:
       arrays = {key: f[key] for key in f.files}
-  except (OSError, ValueError, EOFError) as e:
-    raise ExportError(f'{path!r} is not a readable export ({e}).') from e
-  if METADATA_KEY not in arrays:
+      meta = (json.loads(str(arrays.pop(METADATA_KEY)))
+              if METADATA_KEY in arrays else None)
+  except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+    raise ExportError(
+        f'{path!r} is truncated or corrupt ({errors.unreadable_npz(e)}). '
+        'Copy it again from its run\'s workdir, or write it again by running '
+        'launch.py on that workdir with the same config.') from e
+  if meta is None:
     raise ExportError(f'{path!r} has no {METADATA_KEY}: not a synqt_jax '
                       'export (train with launch.py to get one).')
-  meta = json.loads(str(arrays.pop(METADATA_KEY)))
   return checkpoint.nest(arrays), meta

@@ -30,7 +30,9 @@ with -1, and index -1 reads row n, so cached batches equal online ones row for
 row, padding included.
 """
 import abc
+import concurrent.futures
 import dataclasses
+import errno
 import functools
 import hashlib
 import itertools
@@ -47,7 +49,8 @@ import tqdm
 from synqt_jax import checkpoint
 from synqt_jax import input_pipeline
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checksums of the rows and labels.
+CHUNK_BYTES = 1 << 26  # Checksummed chunks of rows: ~64 MB each.
 MODES = ('host', 'disk', 'device')
 STORAGE_DTYPES = {'float32': np.dtype(np.float32),
                   'bfloat16': np.dtype(jnp.bfloat16)}
@@ -335,14 +338,15 @@ def _disk_cache(files, record, shape, dtype, fill):
 
   Otherwise (re)builds it: the record is removed first and written last, and
   the rows go to a '.partial' file renamed into place, so an interrupted build
-  is never taken for a complete one.
+  is never taken for a complete one. The record holds a sha256 of the labels
+  and of every chunk of rows, checked on reuse: files changed or cut short
+  since they were written are rebuilt.
   """
   digest = _sha256(record)
-  reason = _mismatch(files, record, digest)
-  if reason is None:
-    return (np.load(files.path('.kv.npy'), mmap_mode='r').view(dtype),
-            np.load(files.path('.labels.npy')),
-            f'reused {files.path(".kv.npy")} (fingerprint {digest[:12]})')
+  reason, reused = _reusable(files, record, digest, shape, dtype)
+  if reused is not None:
+    return (*reused, f'reused {files.path(".kv.npy")} (fingerprint '
+            f'{digest[:12]})')
   logging.info('Feature cache %s: %s.', files.path('.kv.npy'), reason)
   os.makedirs(files.directory, exist_ok=True)
   if os.path.exists(files.path('.json')):
@@ -350,33 +354,89 @@ def _disk_cache(files, record, shape, dtype, fill):
   partial = files.path('.kv.npy.partial')
   bits = np.lib.format.open_memmap(partial, mode='w+', shape=shape,
                                    dtype=_file_dtype(dtype))
+  _allocate(partial)
   labels = fill(bits.view(dtype))
   bits.flush()
+  checksums = {'labels_sha256': hashlib.sha256(labels).hexdigest(),
+               'chunk_rows': _chunk_rows(bits),
+               'chunk_sha256': _chunk_digests(bits, 'Checksumming')}
   del bits
   os.replace(partial, files.path('.kv.npy'))
   np.save(files.path('.labels.npy'), labels)
   with open(files.path('.json.partial'), 'w') as f:
-    json.dump({'fingerprint': digest, 'fields': record}, f, indent=1,
-              sort_keys=True)
+    json.dump({'fingerprint': digest, 'fields': record, **checksums}, f,
+              indent=1, sort_keys=True)
   os.replace(files.path('.json.partial'), files.path('.json'))
   kv = np.load(files.path('.kv.npy'), mmap_mode='r').view(dtype)
   return kv, labels, reason
 
 
-def _mismatch(files, record, digest):
-  """None if `files` hold a complete cache of `record`, else why not."""
+def _allocate(path):
+  """Reserves the file's blocks now, so a full disk is an OSError here.
+
+  (Not a SIGBUS when the memory map first writes to a block the disk has no
+  room for.)
+  """
+  with open(path, 'r+b') as f:
+    try:
+      os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+    except OSError as e:
+      if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # Unsupported here.
+        raise
+
+
+def _reusable(files, record, digest, shape, dtype):
+  """(None, (kv memmap, labels)) for a complete, intact cache, else (why not, None)."""
   if not os.path.exists(files.path('.json')):
     if os.path.exists(files.path('.kv.npy.partial')):
-      return 'building (the last build was interrupted)'
-    return 'building (no cache yet)'
+      return 'building (the last build was interrupted)', None
+    return 'building (no cache yet)', None
   with open(files.path('.json')) as f:
     stored = json.load(f)
-  if stored['fingerprint'] == digest:
-    return None
-  old = stored['fields']
-  changes = [f'{k} {old.get(k)!r} -> {record.get(k)!r}'
-             for k in sorted(set(old) | set(record)) if old.get(k) != record.get(k)]
-  return 'rebuilding, the inputs changed: ' + '; '.join(changes)
+  if stored['fingerprint'] != digest:
+    old = stored['fields']
+    changes = [f'{k} {old.get(k)!r} -> {record.get(k)!r}'
+               for k in sorted(set(old) | set(record))
+               if old.get(k) != record.get(k)]
+    return 'rebuilding, the inputs changed: ' + '; '.join(changes), None
+  try:
+    bits = np.load(files.path('.kv.npy'), mmap_mode='r')
+    labels = np.load(files.path('.labels.npy'))
+  except (OSError, ValueError, EOFError) as e:
+    return ('rebuilding, the cache files are unreadable or cut short '
+            f'({type(e).__name__}: {e})'), None
+  if bits.shape != shape:
+    return f'rebuilding, the cache file holds {bits.shape}, not {shape}', None
+  if hashlib.sha256(labels).hexdigest() != stored['labels_sha256']:
+    return 'rebuilding, the labels file was changed after it was written', None
+  bad = [i for i, (ours, written) in enumerate(zip(
+      _chunk_digests(bits, 'Verifying'), stored['chunk_sha256']))
+         if ours != written]
+  if bad:
+    return (f'rebuilding, {len(bad)} chunk(s) of rows were changed after '
+            'they were written (checksum mismatch from row '
+            f'{bad[0] * stored["chunk_rows"]} on)'), None
+  return None, (bits.view(dtype), labels)
+
+
+def _chunk_rows(rows: np.ndarray) -> int:
+  """Rows per checksummed chunk: about CHUNK_BYTES each."""
+  return max(1, CHUNK_BYTES // max(1, rows[0].nbytes))
+
+
+def _chunk_digests(rows: np.ndarray, verb: str) -> list[str]:
+  """sha256 of each chunk of `rows` (file dtype), hashed on several threads."""
+  size = _chunk_rows(rows)
+  starts = range(0, len(rows), size)
+
+  def chunk_digest(start):
+    return hashlib.sha256(
+        np.ascontiguousarray(rows[start:start + size])).hexdigest()
+
+  with concurrent.futures.ThreadPoolExecutor() as pool:
+    return list(tqdm.tqdm(pool.map(chunk_digest, starts), total=len(starts),
+                          desc=f'{verb} the feature cache', unit='chunks',
+                          disable=rows.nbytes < 16 * CHUNK_BYTES))
 
 
 def _sha256(record):

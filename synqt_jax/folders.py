@@ -21,6 +21,7 @@ and b (e.g. FGVC 'train+val'). Splits are checked when read (every image
 exists, every label is in range), so bad data fails before training starts.
 """
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -28,27 +29,31 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 from PIL import Image
+import tqdm
 
+from synqt_jax import errors
 from synqt_jax import tasks
 
 SPLIT_FILE_EXTENSIONS = ('.txt', '.json')
 # The files whose class ids together define the FGVC id -> label mapping.
 FGVC_SPLIT_FILES = ('train.json', 'val.json', 'test.json')
+# Splits at least this large show a progress bar while `check_images` runs.
+LARGE_SPLIT = 1000
 
 
-class FolderNotFoundError(FileNotFoundError):
+class FolderNotFoundError(errors.UserError, FileNotFoundError):
   """The root, or the task's split file under it, does not exist."""
 
 
-class SplitFileError(ValueError):
+class SplitFileError(errors.UserError, ValueError):
   """A split file that cannot be parsed, or an ambiguous layout."""
 
 
-class MissingImageError(FileNotFoundError):
+class MissingImageError(errors.UserError, FileNotFoundError):
   """A split file names an image that does not exist."""
 
 
-class CorruptImageError(ValueError):
+class CorruptImageError(errors.UserError, ValueError):
   """An image file that PIL cannot decode."""
 
 
@@ -126,15 +131,73 @@ def find_split_file(root: str, task: tasks.Task, split: str) -> str:
 
 
 def load_image(path: str, origin: str = '') -> Image.Image:
-  """Decodes an image file to RGB, as the reference's PIL loader does."""
+  """Decodes an image file to RGB (`to_rgb`), as the reference's PIL loader does.
+
+  Args:
+    path: the image file.
+    origin: where a split file lists it ('<split file>:<line>'); without one
+      (an image given on the command line) the message does not mention
+      split files.
+  """
   try:
     with Image.open(path) as image:
-      return image.convert('RGB')
+      return to_rgb(image)
   except (OSError, SyntaxError, ValueError) as e:
-    listed = f' (listed at {origin})' if origin else ''
-    raise CorruptImageError(
-        f'Cannot decode image {path}{listed}: {e}. Re-extract or re-download '
-        'it, or remove it from the split file.') from e
+    if origin:
+      fix = (f' (listed at {origin}): {e}. Re-extract or re-download it, or '
+             'remove it from the split file.')
+    else:
+      fix = f': {e}. Give an image file PIL can read (PNG, JPEG, ...).'
+    raise CorruptImageError(f'Cannot decode image {path}{fix}') from e
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+  """`image` in RGB, samples wider than 8 bits scaled (not clipped) to 0..255.
+
+  `convert('RGB')` clips: a 16-bit PNG comes out white. Here 16-bit samples
+  (modes I;16*, and I, as PIL decodes 16-bit PNG and TIFF files) are divided
+  by 257 (65535 -> 255, values outside 0..65535 clipped); float samples (F)
+  in [0, 1] are multiplied by 255, other float images are taken as 0..255.
+  Every other mode (palette, CMYK, LA, RGBA, 1, ...) goes through PIL's
+  conversion, alpha dropped as there: 8-bit images stay bit-identical to the
+  reference's loader.
+  """
+  if image.mode == 'I' or image.mode.startswith('I;16'):
+    samples = np.clip(np.asarray(image, np.float64), 0, 65535) / 257
+  elif image.mode == 'F':
+    samples = np.nan_to_num(np.asarray(image, np.float64))
+    if samples.size and samples.min() >= 0 and samples.max() <= 1:
+      samples = samples * 255
+    samples = np.clip(samples, 0, 255)
+  else:
+    return image.convert('RGB')
+  return Image.fromarray(np.round(samples).astype(np.uint8)).convert('RGB')
+
+
+def check_images(split: FolderSplit, name: str, num_threads: int | None = None
+                 ) -> None:
+  """Decodes every image of `split` once (threaded, with a progress bar).
+
+  So a file that does not decode stops a run before its first training step,
+  not at the first evaluation. Raises CorruptImageError naming the first bad
+  file in listing order, and how many more there are.
+  """
+  def problem(index):
+    try:
+      load_image(split.paths[index], split.origins[index])
+    except CorruptImageError as e:
+      return e
+    return None
+
+  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+    problems = [e for e in tqdm.tqdm(
+        pool.map(problem, range(len(split))), total=len(split),
+        desc=f'Checking the images of {name}', unit='images',
+        disable=len(split) < LARGE_SPLIT) if e is not None]
+  if problems:
+    others = (f' ({len(problems) - 1} more images of {name} do not decode '
+              'either)' if len(problems) > 1 else '')
+    raise CorruptImageError(f'{problems[0]}{others}') from problems[0]
 
 
 def _read(path: str, task: tasks.Task) -> Iterator[_Entry]:

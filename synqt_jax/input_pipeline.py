@@ -44,6 +44,7 @@ import tensorflow_datasets as tfds
 import tqdm
 
 from synqt_jax import config_fields
+from synqt_jax import errors
 from synqt_jax import folders
 from synqt_jax import tasks
 
@@ -55,11 +56,11 @@ IMAGENET_STD = np.array((0.229, 0.224, 0.225), np.float32)
 Batch = dict[str, np.ndarray]
 
 
-class DataConfigError(ValueError):
+class DataConfigError(errors.UserError, ValueError):
   """A data config field with a bad value; the message names the field."""
 
 
-class TfdsNotPreparedError(FileNotFoundError):
+class TfdsNotPreparedError(errors.UserError, FileNotFoundError):
   """A TFDS dataset that is missing, or not in a random-access format."""
 
 
@@ -124,13 +125,13 @@ def resize(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
   image, so the result is bit-identical to the reference's inputs.
 
   Args:
-    image: a PIL image, or a uint8 array [H, W], [H, W, 1] or [H, W, 3]
-      (grayscale is tiled to 3 channels).
+    image: a PIL image of any mode (`folders.to_rgb`), or a uint8 array
+      [H, W], [H, W, 1] or [H, W, 3] (grayscale is tiled to 3 channels).
     size: output side.
   """
   if isinstance(image, np.ndarray):
     image = Image.fromarray(_rgb(image))
-  return np.asarray(image.convert('RGB').resize((size, size), Image.BICUBIC))
+  return np.asarray(folders.to_rgb(image).resize((size, size), Image.BICUBIC))
 
 
 def normalize(images: np.ndarray, normalization: str) -> np.ndarray:
@@ -179,6 +180,13 @@ class Source(abc.ABC):
   @abc.abstractmethod
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
     ...
+
+  def check_images(self) -> None:
+    """Decodes every image once, so a bad one stops a run before training.
+
+    Only prepared folders need it: arrays are decoded already and TFDS
+    checks its records when it prepares them.
+    """
 
   def __repr__(self) -> str:
     return (f'{type(self).__name__}({self.name!r}, {len(self)} examples, '
@@ -239,6 +247,9 @@ class FolderSource(Source):
 
   def __len__(self) -> int:
     return len(self._split)
+
+  def check_images(self) -> None:
+    folders.check_images(self._split, self.name)
 
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
     image = folders.load_image(self._split.paths[index],

@@ -81,12 +81,15 @@ class StepMetrics:
 
   `write` fetches them with `fetch` (one device's copy as host arrays),
   writes one line per step with its epoch, adds the images per second since
-  the last write to the last line, and moves the progress bar.
+  the last write to the last line, and moves the progress bar. Each step's
+  scalars are handed to `check(step, scalars)` first (the trainer's guard
+  against a diverged run: it raises before a non-finite line is written).
   """
 
   def __init__(self, log: MetricsLog, fetch, *, start_step: int,
-               total_steps: int, steps_per_epoch: int, batch_size: int):
-    self._log, self._fetch = log, fetch
+               total_steps: int, steps_per_epoch: int, batch_size: int,
+               check=lambda step, scalars: None):
+    self._log, self._fetch, self._check = log, fetch, check
     self._steps_per_epoch, self._batch_size = steps_per_epoch, batch_size
     self._pending = []  # (steps done, device metrics)
     self._window_start = time.perf_counter()
@@ -110,6 +113,7 @@ class StepMetrics:
                  **{k: float(v) for k, v in step_metrics.items()}}
       if step == last:
         scalars['images_per_sec'] = images_per_sec
+      self._check(step, scalars)
       self._log.write(step, scalars)
     self._bar.set_postfix(loss=f'{scalars["loss"]:.4f}',
                           lr=f'{scalars["learning_rate"]:.2e}',

@@ -8,24 +8,41 @@ import jax
 import numpy as np
 
 from synqt_jax import config_fields
+from synqt_jax import errors
 from synqt_jax import export
 from synqt_jax import folders
 from synqt_jax import input_pipeline
 from synqt_jax import methods
 
 
+class PredictInputError(errors.UserError, ValueError):
+  """Bad arguments to predict: the model to use, or the image files."""
+
+
 def export_path(workdir=None, export_file=None):
   """The export to use: `export_file`, or the one a finished run left in `workdir`."""
   if (workdir is None) == (export_file is None):
-    raise ValueError('Give either a workdir or an export file.')
+    raise PredictInputError(
+        'predict needs --workdir (a finished run) or --export (an export '
+        f'file){", not both" if workdir else ""}.')
   if export_file is not None:
     return export_file
   path = os.path.join(workdir, 'export.npz')
   if not os.path.exists(path):
-    raise FileNotFoundError(
+    raise PredictInputError(
         f'{workdir!r} has no export.npz: the run has not finished. Run '
         'launch.py with this workdir again to finish it.')
   return path
+
+
+def check_image_files(paths) -> None:
+  """Raises PredictInputError if a path is missing or not a file."""
+  for path in paths:
+    if os.path.isdir(path):
+      raise PredictInputError(
+          f'{path} is a directory; give image files (e.g. {path}/*.jpg).')
+    if not os.path.isfile(path):
+      raise PredictInputError(f'Image file {path} does not exist.')
 
 
 class Predictor:
@@ -55,6 +72,7 @@ class Predictor:
 
   def classify(self, image_paths, top_k=5, batch_size=64):
     """[(path, [(label, probability), ...])], the top `top_k` labels per image."""
+    check_image_files(image_paths)
     size = self.config.data.image_size
     results = []
     for start in range(0, len(image_paths), batch_size):

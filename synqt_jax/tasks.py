@@ -16,6 +16,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from synqt_jax import errors
+
 # VTAB-1k split names; FGVC folders use 'train', 'val' and 'test'.
 VTAB_SPLITS = ('train800', 'val200', 'train800val200', 'test')
 
@@ -29,11 +31,11 @@ KITTI_NO_VEHICLE_DISTANCE = 1000.0
 KITTI_VEHICLE_TYPES = 3  # kitti objects/type < 3: Car, Van, Truck.
 
 
-class UnknownTaskError(ValueError):
+class UnknownTaskError(errors.UserError, ValueError):
   """A task name that is neither a canonical name nor an alias."""
 
 
-class LabelOutOfRangeError(ValueError):
+class LabelOutOfRangeError(errors.UserError, ValueError):
   """A label outside 0..num_classes-1: wrong task for the data, or bad data."""
 
 

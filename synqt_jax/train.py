@@ -33,7 +33,6 @@ import contextlib
 import dataclasses
 import functools
 import inspect
-import json
 import os
 import signal
 from typing import Any
@@ -56,7 +55,9 @@ from synqt_jax import feature_cache
 from synqt_jax import input_pipeline
 from synqt_jax import methods
 from synqt_jax import metrics_log
+from synqt_jax import nonfinite
 from synqt_jax import train_checkpoints
+from synqt_jax import workdir as workdir_lib
 
 AXIS = 'batch'  # The pmapped axis: one entry per device of every host.
 
@@ -80,21 +81,26 @@ def resolve_workdir_paths(config, workdir):
   return config
 
 
-def prepare_run(config, workdir):
-  """The resolved, validated config; the workdir made and config.json written.
-
-  `config.prepare` ('module.function', e.g. synqt_jax.demo.prepare) is then
-  called with the config: it may write what the run reads.
-  """
+def validated(config, workdir):
+  """The config with `{workdir}` filled in, checked before anything is written."""
   config = resolve_workdir_paths(config, workdir)
   config_validation.validate(config)
   config_validation.validate_device_split(config, jax.device_count())
-  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.check_directory(workdir)
+  return config
+
+
+def prepare_run(config, workdir):
+  """Checks that `workdir` holds this run (or none), then writes config.json.
+
+  `config.prepare` ('module.function', e.g. synqt_jax.demo.prepare) is
+  called with the config first: it may write what the run reads.
+  """
+  workdir_lib.check_identity(workdir, config)
   if config.prepare:
     config_fields.function(config.prepare)(config)
   _write_json(os.path.join(workdir, 'config.json'),
               config_fields.without_aliases(config.to_dict()))
-  return config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +118,8 @@ class Data:
     evaluation = {'test': input_pipeline.load_source(data, data.test_split)}
     if data.val_split:
       evaluation['val'] = input_pipeline.load_source(data, data.val_split)
+    for source in evaluation.values():  # A bad image stops the run now,
+      source.check_images()             # not after hours of training.
     steps_per_epoch = input_pipeline.steps_per_epoch(len(train),
                                                      config.optim.batch_size)
     return cls(train, evaluation, steps_per_epoch,
@@ -426,14 +434,16 @@ class Preemption:
 
 class Checkpointing:
   """When the run saves: every `checkpoint_every_steps`, at the last step, and
-  at the step after a SIGTERM, after which it stops (`preempted`).
+  at the step after a SIGTERM, after which it stops (`preempted`); and that
+  nothing non-finite is ever saved (`check_finite`, `save`).
 
   A context manager: SIGTERM is caught inside it; on exit the saves in
   flight are finished.
   """
 
-  def __init__(self, config, workdir, total_steps):
+  def __init__(self, config, workdir, total_steps, schedule):
     self._every, self._total_steps = config.checkpoint_every_steps, total_steps
+    self._schedule = schedule
     self._checkpoints = train_checkpoints.TrainCheckpoints(
         os.path.join(os.path.abspath(workdir), 'checkpoints'),
         config.keep_checkpoints)
@@ -468,9 +478,17 @@ class Checkpointing:
     return (step % self._every == 0 or step == self._total_steps
             or self.preempted)
 
+  def check_finite(self, step, scalars=None, params=None):
+    """Stops the run (nonfinite.DivergedError) at a non-finite loss or parameter."""
+    nonfinite.check_step(
+        step, float(self._schedule(step - 1)), self._checkpoints.latest_step(),
+        self._checkpoints.directory, params=params,
+        loss=(scalars or {}).get('loss'))
+
   def save(self, step, p_state, history):
-    self._checkpoints.save(step, unreplicate(p_state),
-                           {'data_position': step, **history})
+    state = unreplicate(p_state)
+    self.check_finite(step, params=state.params)
+    self._checkpoints.save(step, state, {'data_position': step, **history})
 
 
 # --- The run. ---
@@ -498,8 +516,7 @@ def results_summary(config, evaluations, trainable_params):
 
 def _write_json(path, data):
   if jax.process_index() == 0:
-    with open(path, 'w') as f:
-      json.dump(data, f, indent=2)
+    workdir_lib.write_json(path, data)
 
 
 def log_run(config, data, state):
@@ -517,11 +534,25 @@ def log_run(config, data, state):
 
 
 def train_and_evaluate(config, workdir):
-  """Trains (or resumes) in `workdir`; returns the results, or None if preempted."""
-  config = prepare_run(config, workdir)
+  """Trains (or resumes) in `workdir`; returns the results, or None if preempted.
+
+  One run at a time holds the workdir (workdir.locked).
+  """
+  config = validated(config, workdir)
+  os.makedirs(workdir, exist_ok=True)
+  with workdir_lib.locked(workdir, jax.process_index()):
+    return run(config, workdir)
+
+
+def run(config, workdir):
+  """What a run does, in order; `workdir` is held by this process."""
+  prepare_run(config, workdir)
   data = Data.load(config)
   schedule = learning_rate_schedule(config.optim, data.steps_per_epoch)
   method, frozen = methods.create_method(config)
+  nonfinite.check_backbone(frozen['backbone'], config.backbone.source)
+  workdir_lib.check_identity(
+      workdir, config, backbone_digest=feature_cache.backbone_digest(frozen))
   state = create_train_state(method, frozen,
                              create_optimizer(config.optim, schedule),
                              config.seed, config.data.image_size)
@@ -532,7 +563,7 @@ def train_and_evaluate(config, workdir):
 
   with contextlib.ExitStack() as stack:
     checkpoints = stack.enter_context(
-        Checkpointing(config, workdir, data.total_steps))
+        Checkpointing(config, workdir, data.total_steps, schedule))
     state, history = checkpoints.restore(state)
     start_step = int(state.step)
     p_state, p_frozen = replicate(state), replicate(frozen)
@@ -546,7 +577,8 @@ def train_and_evaluate(config, workdir):
             log, unreplicate, start_step=start_step,
             total_steps=data.total_steps,
             steps_per_epoch=data.steps_per_epoch,
-            batch_size=config.optim.batch_size)))
+            batch_size=config.optim.batch_size,
+            check=checkpoints.check_finite)))
     evaluator = create_evaluator(config, workdir, method, p_frozen, data, log,
                                  history)
     p_train_step = jax.pmap(

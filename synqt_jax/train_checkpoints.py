@@ -1,25 +1,52 @@
-"""Checkpoints of a training run (orbax), restored from the newest readable one.
+"""Checkpoints of a training run (orbax), restored from the newest intact one.
 
 A checkpoint holds the unreplicated train state (trainable parameters,
 optimizer state, step, RNG) as `state` and a JSON `metadata` item (data
-position, evaluations so far). It does not depend on the device count and never
-holds the frozen backbone. Orbax writes into a temporary directory and renames
-it when complete, so a run killed mid-save leaves the previous checkpoints
-intact; a checkpoint damaged afterwards is skipped with a warning.
+position, evaluations so far, and a sha256 of the state's arrays). It does not
+depend on the device count and never holds the frozen backbone. Orbax writes
+into a temporary directory and renames it when complete, so a run killed
+mid-save leaves the previous checkpoints intact; a checkpoint damaged
+afterwards (unreadable, cut short, or changed at the same size: its checksum
+no longer matches) is skipped with a warning, and the previous one is used.
 """
+import hashlib
+import sys
+
 from absl import logging
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+from synqt_jax import errors
 
-class NoUsableCheckpointError(RuntimeError):
+CHECKSUM_KEY = 'state_sha256'  # In each checkpoint's metadata.
+
+
+class NoUsableCheckpointError(errors.UserError, RuntimeError):
   """Checkpoints exist but none can be restored."""
+
+
+def state_digest(state) -> str:
+  """sha256 over the state's leaves: path, dtype, shape and bytes of each.
+
+  Dtypes are JAX's canonical ones: a fresh host state's int64 step is the
+  int32 the devices hold, saved and restored.
+  """
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    leaf = np.asarray(leaf)
+    leaf = np.ascontiguousarray(leaf, jax.dtypes.canonicalize_dtype(leaf.dtype))
+    h.update(f'{jax.tree_util.keystr(path)} {leaf.dtype} {leaf.shape}'.encode())
+    h.update(leaf.tobytes())
+  return h.hexdigest()
 
 
 class TrainCheckpoints:
   """The `checkpoints/` directory of a workdir."""
 
   def __init__(self, directory: str, keep: int):
+    self.directory = directory
+    self._keep = keep
     self._manager = ocp.CheckpointManager(
         directory, item_names=('state', 'metadata'),
         options=ocp.CheckpointManagerOptions(
@@ -27,12 +54,21 @@ class TrainCheckpoints:
 
   def save(self, step: int, state, metadata: dict) -> None:
     """Saves `state` (a host-side, unreplicated tree) in the background."""
+    metadata = dict(metadata, **{CHECKSUM_KEY: state_digest(state)})
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         metadata=ocp.args.JsonSave(metadata)), force=True)
 
+  def latest_step(self) -> int | None:
+    """The step of the newest checkpoint saved (None: none yet)."""
+    return self._manager.latest_step()
+
   def restore_latest(self, target):
-    """(state, metadata) of the newest checkpoint that restores, or None.
+    """(state, metadata) of the newest checkpoint that restores intact, or None.
+
+    Newer checkpoints that do not are deleted (training saves those steps
+    again), and so are the oldest beyond `keep` (left by a run killed between
+    a save and orbax's clean-up).
 
     Args:
       target: a tree with the structure, shapes and dtypes of the state.
@@ -47,15 +83,23 @@ class TrainCheckpoints:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract),
             metadata=ocp.args.JsonRestore()))
+        problem = _problem(restored.state, restored.metadata, abstract)
       except Exception as e:  # pylint: disable=broad-except
-        logging.warning('Checkpoint at step %d cannot be restored (%s: %s); '
-                        'trying the previous one.', step, type(e).__name__, e)
+        _ignore_reads_after_a_failed_restore()
+        problem = f'{type(e).__name__}: {e}'
+      if problem is not None:
+        logging.warning('Checkpoint at step %d cannot be restored (%s); '
+                        'trying the previous one.', step, problem)
         continue
       for unreadable in steps[:i]:  # Training will save these steps again.
         logging.warning('Deleting the unreadable checkpoint at step %d.',
                         unreadable)
         self._manager.delete(unreadable)
-      return restored.state, restored.metadata
+      for old in steps[i + self._keep:]:
+        self._manager.delete(old)
+      metadata = dict(restored.metadata)
+      metadata.pop(CHECKSUM_KEY, None)
+      return restored.state, metadata
     if steps:
       raise NoUsableCheckpointError(
           f'None of the checkpoints at steps {steps} in '
@@ -69,3 +113,40 @@ class TrainCheckpoints:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _problem(state, metadata, abstract) -> str | None:
+  """Why a restored checkpoint is not the state it claims to be (None: it is)."""
+  if _layout(state) != _layout(abstract):
+    return 'its arrays have other shapes than this config\'s'
+  written = metadata.get(CHECKSUM_KEY)
+  if written is not None and state_digest(state) != written:
+    return ('its arrays do not match their checksum: the files were changed '
+            'after they were written')
+  return None
+
+
+def _layout(tree):
+  return [(jax.tree_util.keystr(path), tuple(x.shape), np.dtype(x.dtype))
+          for path, x in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def _ignore_reads_after_a_failed_restore():
+  """Silences TensorStore's late reports of a failed restore's other reads.
+
+  When one read fails, orbax closes its event loop while TensorStore's other
+  reads are still in flight; each then reports `RuntimeError: Event loop is
+  closed` as an unraisable exception (a traceback apiece, over a hundred for
+  one checkpoint). Those, and only those, are dropped from then on.
+  """
+  if getattr(sys.unraisablehook, 'ignores_closed_event_loop', False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == 'Event loop is closed'):
+      previous(unraisable)
+
+  hook.ignores_closed_event_loop = True
+  sys.unraisablehook = hook
