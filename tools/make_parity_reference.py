@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from synqt_jax import random_vit  # pylint: disable=g-import-not-at-top
+from synqt_jax import random_vit
 
 # Width 768 and depth 12 are fixed by the reference (`range(12)`, `view(bs, 1, 768)`,
 # 37 = 1 + 3 * 12 combine weights, 768-wide adapters); heads, MLP width, patch and
@@ -54,7 +54,7 @@ PER_BLOCK = re.compile(r'^synqt\.(prompt_ffn|qsm_block|pre_norm)\.(\d+)\.')
 def import_reference(synqt_dir):
   """The reference's synqt.py as a module, with what it needs on a CPU-only torch."""
   try:
-    import torchvision  # pylint: disable=unused-import,g-import-not-at-top
+    import torchvision
   except ImportError:  # timm 0.4.12 imports torchvision.transforms; nothing here uses it.
     stub = types.ModuleType('torchvision')
     stub.transforms = types.ModuleType('torchvision.transforms')
@@ -75,7 +75,7 @@ def import_reference(synqt_dir):
 
 def reference_model(ref, flat, tokens, classes, scales):
   """timm's ViT loaded from the official-layout `flat` backbone, made SynQT by `ref`."""
-  import timm  # pylint: disable=g-import-not-at-top
+  import timm  # Only after import_reference: timm needs its torchvision stand-in.
   block = 'Transformer/encoderblock_0/'
   patch, _, _, width = flat['embedding/kernel'].shape
   grid = int(round((flat['Transformer/posembed_input/pos_embedding'].shape[1] - 1) ** .5))
