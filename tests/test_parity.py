@@ -35,7 +35,8 @@ from synqt_jax import synqt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = os.path.join(ROOT, 'tests', 'data', 'official_synqt_t4.npz')
-CASES = sorted(glob.glob(os.path.join(ROOT, 'tests', 'data', 'parity', '*.npz')))
+CASES_DIR = os.path.join(ROOT, 'tests', 'data', 'parity')
+CASES = sorted(glob.glob(os.path.join(CASES_DIR, '*.npz')))
 CLI = os.path.join(ROOT, 'tools', 'check_parity.py')
 ENV = {**os.environ, 'PYTHONPATH': ROOT}  # This checkout's synqt_jax in the job, too.
 BACKBONE_DIGEST = 'e23182a09d3607fb82110bbd3f152f2a3e996ce373e6f9533b686d7cb061abf3'
@@ -84,7 +85,7 @@ def run_job(out):
   np.savez(backbone, **flat)
   del flat
   arrays, params, _ = parity.load_reference(
-      os.path.join(ROOT, 'tests', 'data', 'parity', PERTURBED_CASE + '.npz'))
+      os.path.join(CASES_DIR, PERTURBED_CASE + '.npz'))
   params[PERTURBED] = params[PERTURBED] * np.float32(1 + 1e-2)
   np.savez(os.path.join(out, 'perturbed.npz'),
            **{k: v for k, v in arrays.items() if k != 'param_init'},

@@ -17,7 +17,7 @@ import sys
 from synqt_jax import checkpoint
 from synqt_jax import parity
 
-CASES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+CASES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                      'tests', 'data', 'parity')
 
 
@@ -54,9 +54,9 @@ def main(argv=None):
   ap.add_argument('--backbone', help='the backbone .npz, for files that do not '
                   'name theirs (official_synqt_t4.npz)')
   a = ap.parse_args(argv)
-  paths = a.references or sorted(glob.glob(os.path.join(CASES, '*.npz')))
+  paths = a.references or sorted(glob.glob(os.path.join(CASES_DIR, '*.npz')))
   if not paths:
-    sys.exit(f'No reference files in {CASES}; pass some.')
+    sys.exit(f'No reference files in {CASES_DIR}; pass some.')
   passed = []
   for path in paths:
     try:
