@@ -6,9 +6,10 @@ Not part of the package or of CI: it runs in a separate environment with torch 2
 
   python tools/make_parity_reference.py SYNQT_DIR
       writes tests/data/parity/<case>.npz for every case in CASES;
-  python tools/make_parity_reference.py SYNQT_DIR --rerun tests/data/official_synqt_t4.npz
-      reruns the reference on that file's own images and parameters and prints how
-      far its stored logits, loss and gradients are from the rerun ones.
+  python tools/make_parity_reference.py SYNQT_DIR --rerun tests/data/official_synqt_t4.npz [--write NEW.npz]
+      reruns the reference on that file's own images and parameters, prints how far
+      its stored logits, loss and gradients are from the rerun ones, and with
+      --write saves the file with the rerun ones.
 
 Each case is a random backbone (`random_vit.make(**backbone)`, official .npz layout,
 loaded with timm's own .npz loader), random parameters under the reference's names
@@ -143,8 +144,9 @@ def make_case(ref, tokens, classes, scales, seed):
           **{'grad:' + k: v for k, v in kept.items()}}
 
 
-def rerun(ref, path):
-  """Recomputes a full-format file (`param:*` arrays) and prints the differences."""
+def rerun(ref, path, write=None):
+  """Recomputes a full-format file (`param:*` arrays), prints the differences and,
+  with `write`, saves the file with the recomputed logits, loss and gradients."""
   with np.load(path) as f:
     stored = dict(f)
   backbone = json.loads(str(stored['backbone'])) if 'backbone' in stored else {}
@@ -161,6 +163,9 @@ def rerun(ref, path):
               for k, g in grads.items())
   print(f'gradients: {len(grads)} tensors; worst max |stored - rerun| / max |rerun| '
         f'{worst[0]:.3e} ({worst[1]})')
+  if write:
+    np.savez(write, **{**stored, 'logits': logits, 'loss': np.float32(loss),
+                       **{'grad:' + k: g for k, g in grads.items()}})
 
 
 def main():
@@ -170,13 +175,14 @@ def main():
   ap.add_argument('--case', action='append', choices=sorted(CASES),
                   help='only these cases (repeatable); default all')
   ap.add_argument('--rerun', help='a full-format reference file to recompute')
+  ap.add_argument('--write', help='with --rerun: where to save the recomputed file')
   a = ap.parse_args()
   if not os.path.exists(os.path.join(a.synqt_dir, 'synqt.py')):
     sys.exit(f'{a.synqt_dir!r} has no synqt.py: pass a copy of taolinzhang/SynQT.')
   torch.use_deterministic_algorithms(True)
   ref = import_reference(a.synqt_dir)
   if a.rerun:
-    rerun(ref, a.rerun)
+    rerun(ref, a.rerun, a.write)
     return
   os.makedirs(a.out, exist_ok=True)
   for name in a.case or sorted(CASES):
