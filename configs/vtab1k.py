@@ -9,7 +9,7 @@ folders add `--config.data.source=folder --config.data.root=/path/to/vtab-1k`.
 from configs import common
 from synqt_jax import tasks
 
-# token_nums, attn_scale, ffn_scale, feat_scale (VTAB1K_HPARAMS.md).
+# token_nums, attn_scale, ffn_scale, feat_scale (docs/vtab1k_hparams.md).
 HPARAMS = {
     'cifar100': (4, 1.0, 0.1, 0.1),
     'caltech101': (4, 0.1, 0.1, 1.0),

@@ -1,8 +1,10 @@
-"""Random ViT checkpoints in the official Google ViT .npz layout.
+"""Random ViT checkpoints in the official Google ViT .npz layout, and random
+SynQT parameters under the PyTorch reference's names.
 
-For tests, the offline demo config and the parity check (the reference numbers in
-shared/parity were computed on `make()` with its defaults). Run as
-`python -m synqt_jax.random_vit out.npz [--width ...]`.
+For tests, the offline demo config and the parity check (docs/parity.md: the
+reference files in tests/data were computed on `make(...)` backbones, and the small
+ones on `reference_parameters(...)`). NumPy only, so that the reference's PyTorch
+environment can import it too. Run as `python -m synqt_jax.random_vit out.npz [--width ...]`.
 
 Key names and shapes follow the public imagenet21k ViT-*.npz files
 (embedding/kernel HWIO, Transformer/encoderblock_i/MultiHeadDotProductAttention_1/
@@ -48,6 +50,35 @@ def make(width=768, depth=12, heads=12, mlp=3072, patch=16, image=224,
         w[m + 'Dense_1/kernel'] = n(mlp, width) * 3
         w[m + 'Dense_1/bias'] = n(width)
     return w
+
+
+def reference_parameters(shapes, seed, scales):
+    """Random values for the reference's trainable tensors `{name: shape}`.
+
+    Drawn in sorted name order from one generator: the queries `synqt.q` from
+    U(-1, 1) and every Linear weight (out, in) and its bias from U(+-in^-1/2), as
+    the reference initialises them; the learnable scalars `*attn_scale`,
+    `*ffn_scale`, `*feat_scale` are `scales[...]`; the LayerNorm scales and shifts
+    are 1 + U(+-0.1) and U(+-0.1) rather than PyTorch's ones and zeros, so that a
+    scale/shift or epsilon mix-up changes the numbers.
+    """
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name in sorted(shapes):
+        shape = tuple(shapes[name])
+        owner, leaf = name.rsplit('.', 1) if '.' in name else ('', name)
+        linear = shapes.get(owner + '.weight', ())
+        if name == 'synqt.q':
+            bound, centre = 1.0, 0.0
+        elif leaf.endswith('_scale'):
+            out[name] = np.full(shape, scales[leaf], np.float32)
+            continue
+        elif len(linear) == 2:
+            bound, centre = linear[1] ** -0.5, 0.0
+        else:  # LayerNorms and the unused combine weights.
+            bound, centre = 0.1, float(leaf == 'weight')
+        out[name] = (centre + rng.uniform(-bound, bound, shape)).astype(np.float32)
+    return out
 
 
 def write(path, *args, **kwargs):

@@ -1,4 +1,4 @@
-"""SynQT: a trainable query-synthesis path beside a frozen ViT (see SYNQT_SPEC.md).
+"""SynQT: a trainable query-synthesis path beside a frozen ViT (docs/synqt.md).
 
 The image path (`VisionTransformer.image_path`) runs under `stop_gradient` and hands
 out each block's keys/values. The query path makes T queries per block from

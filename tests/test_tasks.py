@@ -6,7 +6,7 @@ import tensorflow_datasets as tfds
 
 from synqt_jax import tasks
 
-# From VTAB1K_DATA.md: task -> (classes, full TFDS split sizes, test size).
+# From docs/data.md: task -> (classes, full TFDS split sizes, test size).
 VTAB = {
     'caltech101': (102, {'train': 3060, 'test': 6084}, 6084),
     'cifar100': (100, {'train': 50000, 'test': 10000}, 10000),
