@@ -5,6 +5,7 @@ devices (Colab TPU runtimes have one chip or eight cores); the prediction
 notebook then loads that run's export on one device. Their install and
 cache-choice logic (`colab_setup`) is checked for TPU, GPU and CPU runtimes.
 """
+import glob
 import os
 import sys
 
@@ -66,13 +67,22 @@ def test_notebooks_train_then_predict(tmp_path):
   for method in ('linear', 'synqt', 'lora', 'full'):
     assert method in text
 
-  # With EXPORT set, WORKDIR is not read at all (here it does not exist).
   predicted = run_notebook(
       'predict_and_attention.ipynb',
-      dict(EXPORT=os.path.join(workdir, 'export.npz'), WORKDIR=str(tmp_path / 'absent'),
-           INSTALL=False, REPO_DIR=REPO, NUM_IMAGES=2),
+      dict(WORKDIR=workdir, INSTALL=False, REPO_DIR=REPO, NUM_IMAGES=2),
       tmp_path, {'XLA_FLAGS': ''})
   assert figures(predicted) == 1 + 2  # The classified images, one attention figure each.
+
+  # With EXPORT set, WORKDIR is not read at all (here it does not exist).
+  files = sorted(glob.glob(os.path.join(workdir, 'tiny_data', '**', '*.png'),
+                          recursive=True))[:3]
+  assert len(files) == 3
+  exported = run_notebook(
+      'predict_and_attention.ipynb',
+      dict(EXPORT=os.path.join(workdir, 'export.npz'), WORKDIR=str(tmp_path / 'absent'),
+           IMAGE_FILES=files, INSTALL=False, REPO_DIR=REPO, NUM_IMAGES=3),
+      tmp_path, {'XLA_FLAGS': ''})
+  assert figures(exported) == 1 + 3
   assert not os.path.exists(tmp_path / 'absent')
 
 
