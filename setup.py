@@ -24,7 +24,7 @@ setup(
         'Pillow>=10.0',      # bicubic resize identical to the reference's torchvision/PIL
         'clu>=0.0.12',       # TensorBoard metric writers
         'tensorboard>=2.19', # clu's SummaryWriter imports it (and TensorFlow)
-        'matplotlib>=3.7',   # benchmark plots and notebook figures
+        'matplotlib>=3.9',   # benchmark plots, notebook figures (3.8 shows no first inline figure)
     ],
     extras_require={
         'test': [
