@@ -7,8 +7,9 @@ setup(
     description='SynQT: disentangled, memory-efficient tuning of pre-trained ViTs in JAX/Flax',
     packages=find_packages(include=['synqt_jax', 'synqt_jax.*']),
     # The lowest versions are the ones .ci/lowest_versions installs and tests:
-    # jax.P needs JAX 0.7 (and so Python 3.11, NumPy 1.26); Flax < 0.10.2 fails
-    # on JAX 0.7's tracers; Orbax < 0.11.19 does not restore under JAX 0.7.
+    # jax.P needs JAX 0.7 (and so Python 3.11, NumPy 1.26). Under JAX 0.7, Flax
+    # 0.8.5 fails on its tracers and Orbax 0.5.20 fails to restore, 0.11.0 to
+    # import; Flax 0.10.2 and Orbax 0.11.19 are the lowest tried that work.
     python_requires='>=3.11',
     install_requires=[
         'jax>=0.7.0',
