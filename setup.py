@@ -6,27 +6,31 @@ setup(
     version='0.1.0',
     description='SynQT: disentangled, memory-efficient tuning of pre-trained ViTs in JAX/Flax',
     packages=find_packages(include=['synqt_jax', 'synqt_jax.*']),
-    python_requires='>=3.10',
+    # The lowest versions are the ones .ci/lowest_versions installs and tests:
+    # jax.P needs JAX 0.7 (and so Python 3.11, NumPy 1.26). Under JAX 0.7, Flax
+    # 0.8.5 fails on its tracers and Orbax 0.5.20 fails to restore, 0.11.0 to
+    # import; Flax 0.10.2 and Orbax 0.11.19 are the lowest tried that work.
+    python_requires='>=3.11',
     install_requires=[
-        'jax>=0.4.30',
-        'flax>=0.8.5',
+        'jax>=0.7.0',
+        'flax>=0.10.2',
         'optax>=0.2.2',
-        'orbax-checkpoint>=0.5.20',
+        'orbax-checkpoint>=0.11.19',
         'tensorflow-datasets>=4.9.6',
         'importlib_resources>=6.0',  # etils.epath needs it for TFDS download_and_prepare
-        'numpy>=1.24',
+        'numpy>=1.26.4',
         'ml-collections>=0.1.1',
         'absl-py>=1.4',      # launch.py flags (--config file.py:arg), as big_vision
         'tqdm>=4.66',        # progress bars for downloads, cache builds, training
         'Pillow>=10.0',      # bicubic resize identical to the reference's torchvision/PIL
         'clu>=0.0.12',       # TensorBoard metric writers
-        'tensorboard>=2.16', # clu's SummaryWriter imports it (and TensorFlow)
-        'matplotlib>=3.7',   # benchmark plots and notebook figures
+        'tensorboard>=2.19', # clu's SummaryWriter imports it (and TensorFlow)
+        'matplotlib>=3.9',   # benchmark plots, notebook figures (3.8 shows no first inline figure)
     ],
     extras_require={
         'test': [
             'pytest>=8.0',
-            'tensorflow-cpu>=2.16',   # tfds.testing.mock_data and TFDS preparation
+            'tensorflow-cpu>=2.19',   # tfds mock_data, TFDS preparation; JAX 0.7's ml_dtypes
             'nbclient>=0.10',
             'nbformat>=5.10',
             'ipykernel>=6.29',

@@ -1,7 +1,8 @@
 """Baselines behind `methods`' interface: linear probe, full fine-tuning, LoRA.
 
 All three run the pre-trained ViT's classifier path (class token after
-`encoder_norm`; the backbone is headless, so no `pre_logits`) into a new task head,
+`encoder_norm`, or the mean of all tokens for a 'gap' ViT; the backbone is
+headless, so no `pre_logits`) into a new task head,
 and differ only in what trains:
 
   LinearProbe   the head; the backbone is frozen.
@@ -24,15 +25,15 @@ from synqt_jax import synqt
 LORA_TARGETS = ('query', 'value')
 
 
-def _encoded_class_token(vit, images, drop_rate, rng):
-  """A bound `VisionTransformer` -> class token after `encoder_norm`, (B, D).
+def _pooled_features(vit, images, drop_rate, rng):
+  """A bound `VisionTransformer` -> its classifier's input after `encoder_norm`, (B, D).
 
   Stochastic depth on block i uses rate `i * drop_rate / (L - 1)`, as timm.
   """
   x = vit.tokens(images)
   for i, block in enumerate(vit.blocks):
     x = block(x, *models_vit.block_drop_path(i, len(vit.blocks), drop_rate, rng))
-  return vit.Transformer.encoder_norm(x)[:, 0]
+  return vit.pool(vit.Transformer.encoder_norm(x))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,10 +51,10 @@ class _ViTClassifier:
     return self.head.init(rng, features)['params']
 
   def logits(self, head, backbone, images, drop_rate=0.0, rngs=None):
-    """Head on the class token of `images` run through `backbone` (a checkpoint tree)."""
+    """Head on the pooled tokens of `images` run through `backbone` (a checkpoint tree)."""
     rng = rngs['drop_path'] if drop_rate > 0 else None
     features = models_vit.VisionTransformer(self.vit).apply(
-        {'params': backbone}, images, drop_rate, rng, method=_encoded_class_token)
+        {'params': backbone}, images, drop_rate, rng, method=_pooled_features)
     return self.head.apply({'params': head}, features)
 
 

@@ -3,11 +3,20 @@
 A checkpoint is a flat `{'Transformer/encoderblock_0/LayerNorm_0/scale': array}`
 file; `models_vit.VisionTransformer` is built with the same names, so loading is
 `nest(flat)` after the file has been checked key by key and shape by shape. The
-architecture (width, depth, heads, MLP size, patch, tokens, pre_logits, classes) is
-read from the file itself.
+architecture (width, depth, heads, MLP size, patch, tokens, pre_logits, classes,
+class token or 'gap', ResNet stem) is read from the file itself.
+
+Besides the published files, `official_layout` reads the other layouts Google's
+ViTs are stored in: Linen names (`MultiHeadDotProductAttention_0`, as vit_jax
+writes after `convert_pre_linen` and big_vision names), an `opt/target/` (old
+vit_jax training state) or `params/` (big_vision) prefix, big_vision's
+position embedding and its `scan`ned blocks, and the hybrids' (1, 1, 1, C)
+GroupNorm parameters.
 """
+import collections
 import dataclasses
 import hashlib
+import math
 import os
 import re
 import tempfile
@@ -23,6 +32,7 @@ import numpy as np
 import tqdm
 
 from synqt_jax import errors
+from synqt_jax import models_resnet
 from synqt_jax import models_vit
 
 GCS_ROOT = 'https://storage.googleapis.com/vit_models'
@@ -30,8 +40,38 @@ GCS_ROOT = 'https://storage.googleapis.com/vit_models'
 COLLECTIONS = ('imagenet21k', 'imagenet21k+imagenet2012', 'augreg')
 
 
+POSEMB = 'Transformer/posembed_input/pos_embedding'
+# The parameters inside a saved training state: old vit_jax's optimizer target,
+# big_vision's `params` collection.
+PARAMETER_PREFIXES = ('opt/target/', 'params/')
+# A block's submodules as Linen numbers them (per class: vit_jax after
+# `convert_pre_linen`, big_vision) -> as the published files do (across the block).
+LINEN_BLOCK_NAMES = {'MultiHeadDotProductAttention_0': 'MultiHeadDotProductAttention_1',
+                     'LayerNorm_1': 'LayerNorm_2', 'MlpBlock_0': 'MlpBlock_3'}
+# Where big_vision keeps the position embedding (patches only, the class token
+# is concatenated after it is added); old big_vision put it in the encoder.
+BIG_VISION_POSEMBS = ('pos_embedding', 'Transformer/pos_embedding')
+SCANNED_BLOCKS = 'Transformer/encoderblock/'
+GROUP_NORM_PARAM = re.compile(r'(^|/)gn(_root|_proj|\d+)/(scale|bias)$')
+LAYOUTS = ('official vit_jax .npz, Linen-named, opt/target/ or big_vision params/ '
+           '(ViT with a class token or gap, R50+ViT hybrid)')
+
+
 class CheckpointError(errors.UserError, ValueError):
   """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+def summarize(keys, limit=6):
+  """A few keys by name; many as their count per top-level name, on one line."""
+  keys = sorted(keys)
+  if len(keys) <= limit:
+    return ', '.join(keys)
+  depth = 2 if len({k.split('/')[0] for k in keys}) == 1 else 1
+  groups = collections.Counter('/'.join(k.split('/')[:depth]) + '/*' for k in keys)
+  parts = [f'{g} ({n})' for g, n in sorted(groups.items())]
+  if len(parts) > limit:
+    parts = parts[:limit] + [f'{len(parts) - limit} more groups']
+  return f'{len(keys)} keys: ' + ', '.join(parts)
 
 
 def default_cache_dir():
@@ -118,7 +158,7 @@ def download(url, path):
     if total is not None and size != total:
       raise CheckpointError(
           f'Download of {url} stopped at {size} of {total} bytes; run again to retry.')
-    vit_config(load_npz(tmp, name=url))
+    vit_config(official_layout(load_npz(tmp, name=url), url), url)
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
@@ -139,18 +179,78 @@ def load_npz(path, name=None):
         f'Delete it and download it again.') from e
 
 
+def official_layout(flat, path='checkpoint'):
+  """`flat` (any layout in `LAYOUTS`) renamed and reshaped to the published files'."""
+  for prefix in PARAMETER_PREFIXES:
+    if any(k.startswith(prefix) for k in flat):
+      flat = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+  if any(k.startswith('MAPHead_0/') for k in flat):
+    raise CheckpointError(
+        f'{path!r} is a big_vision ViT with a MAP head (pool_type="map"); SynQT '
+        f'reads ViTs with a class token or "gap" pooling. Use one of those.')
+  flat = _unscanned(flat)
+  if any(re.match(r'Transformer/encoderblock_\d+/MultiHeadDotProductAttention_0/', k)
+         for k in flat):
+    flat = {_official_block_name(k): v for k, v in flat.items()}
+  for key in BIG_VISION_POSEMBS:
+    if key in flat:
+      posemb = flat.pop(key)
+      if 'cls' in flat:  # big_vision's class token has no position embedding.
+        posemb = np.concatenate([np.zeros_like(posemb[:, :1]), posemb], axis=1)
+      flat[POSEMB] = posemb
+  return {k: (v.reshape(-1) if GROUP_NORM_PARAM.search(k) else v)
+          for k, v in flat.items()}
+
+
+def _unscanned(flat):
+  """big_vision's `scan` layout (blocks stacked on axis 0) as one key per block."""
+  out = {k: v for k, v in flat.items() if not k.startswith(SCANNED_BLOCKS)}
+  for k, v in flat.items():
+    if k.startswith(SCANNED_BLOCKS):
+      for i, block in enumerate(v):
+        out[f'Transformer/encoderblock_{i}/{k[len(SCANNED_BLOCKS):]}'] = block
+  return out
+
+
+def _official_block_name(key):
+  parts = key.split('/')
+  if len(parts) > 2 and parts[0] == 'Transformer':
+    parts[2] = LINEN_BLOCK_NAMES.get(parts[2], parts[2])
+  return '/'.join(parts)
+
+
 def _shape(flat, key, path):
   if key not in flat:
     raise CheckpointError(
-        f'{path!r} is not a ViT checkpoint: it has no {key!r} '
-        f'(found keys such as {sorted(flat)[:5]}).')
+        f'{path!r} is not a ViT checkpoint: it has no {key!r} (found '
+        f'{summarize(flat)}). Expected one of: {LAYOUTS}.')
   return flat[key].shape
 
 
+def resnet_config(flat, path='checkpoint'):
+  """The hybrid's `ResNetConfig` (units per `blockS`, root width), or None."""
+  if 'conv_root/kernel' not in flat:
+    return None
+  units = collections.defaultdict(set)
+  for k in flat:
+    if m := re.match(r'block(\d+)/unit(\d+)/', k):
+      units[int(m.group(1))].add(int(m.group(2)))
+  if sorted(units) != list(range(1, len(units) + 1)) or any(
+      sorted(u) != list(range(1, len(u) + 1)) for u in units.values()):
+    raise CheckpointError(f'{path!r}: the ResNet stem\'s stages are not numbered '
+                          f'block1.. / unit1..: found {summarize(units)}.')
+  return models_resnet.ResNetConfig(
+      num_layers=tuple(len(units[s]) for s in sorted(units)),
+      width=_shape(flat, 'conv_root/kernel', path)[-1])
+
+
 def vit_config(flat, path='checkpoint', image_size=None, **overrides):
-  """The `ViTConfig` a flat checkpoint describes; `image_size` defaults to the file's."""
+  """The `ViTConfig` a flat checkpoint describes; `image_size` defaults to the file's.
+
+  `flat` is in the published layout (see `official_layout`).
+  """
   patch, _, _, width = _shape(flat, 'embedding/kernel', path)
-  tokens = _shape(flat, 'Transformer/posembed_input/pos_embedding', path)[1]
+  tokens = _shape(flat, POSEMB, path)[1]
   depth = len({m.group(1) for k in flat
                if (m := re.match(r'Transformer/encoderblock_(\d+)/', k))})
   if depth == 0:
@@ -158,17 +258,23 @@ def vit_config(flat, path='checkpoint', image_size=None, **overrides):
   block = 'Transformer/encoderblock_0/'
   heads = _shape(flat, block + 'MultiHeadDotProductAttention_1/query/kernel', path)[1]
   mlp = _shape(flat, block + 'MlpBlock_3/Dense_0/kernel', path)[1]
-  grid = int(round((tokens - 1) ** 0.5))
-  if grid * grid != tokens - 1:
+  classifier = 'token' if 'cls' in flat else 'gap'
+  prefix = 1 if classifier == 'token' else 0
+  grid = math.isqrt(tokens - prefix)
+  if grid * grid != tokens - prefix:
+    expected = ('1 + a square grid' if prefix else
+                'a square grid (no class token: a "gap" ViT)')
     raise CheckpointError(
-        f'{path!r}: position embedding has {tokens} tokens, not 1 + a square grid.')
+        f'{path!r}: position embedding has {tokens} tokens, not {expected}.')
+  resnet = resnet_config(flat, path)
+  stride = resnet.stride if resnet else 1
   return models_vit.ViTConfig(
       hidden_size=width, num_layers=depth, num_heads=heads, mlp_dim=mlp,
-      patch_size=patch, image_size=image_size or grid * patch,
+      patch_size=patch, image_size=image_size or grid * patch * stride,
       representation_size=(flat['pre_logits/kernel'].shape[1]
                            if 'pre_logits/kernel' in flat else None),
       num_classes=flat['head/kernel'].shape[1] if 'head/kernel' in flat else None,
-      **overrides)
+      classifier=classifier, resnet=resnet, **overrides)
 
 
 def nest(flat):
@@ -199,16 +305,18 @@ def check_against(flat, config, path='checkpoint'):
            if tuple(flat[k].shape) != tuple(want[k])]
   problems = []
   if missing:
-    problems.append(f'missing keys ({len(missing)}): ' + ', '.join(missing))
+    problems.append(f'missing keys ({len(missing)}): {summarize(missing)}')
   if unexpected:
-    problems.append(f'unexpected keys ({len(unexpected)}): ' + ', '.join(unexpected))
-  for k, w, f in wrong:
+    problems.append(f'unexpected keys ({len(unexpected)}): {summarize(unexpected)}')
+  for k, w, f in wrong[:3]:
     problems.append(f'shape mismatch for {k}: expected {w}, found {f}')
+  if len(wrong) > 3:
+    problems.append(f'{len(wrong) - 3} more shape mismatches')
   if problems:
     raise CheckpointError(
         f'{path!r} does not match a ViT of {config.num_layers} blocks, width '
-        f'{config.hidden_size}, {config.num_heads} heads:\n  ' + '\n  '.join(problems)
-        + '\nUse an official ViT .npz checkpoint (or one written in the same layout).')
+        f'{config.hidden_size}, {config.num_heads} heads: ' + '; '.join(problems)
+        + f'. Use a checkpoint in one of these layouts: {LAYOUTS}.')
 
 
 def interpolate_posemb(posemb, num_tokens):
@@ -229,13 +337,22 @@ def interpolate_posemb(posemb, num_tokens):
   return np.concatenate([cls, np.asarray(grid).reshape(1, new * new, -1)], axis=1)
 
 
+def _resized_posemb(posemb, config):
+  """`interpolate_posemb` for either classifier: a 'gap' grid gets a stand-in class row."""
+  if config.num_prefix_tokens:
+    return interpolate_posemb(posemb, config.num_tokens)
+  padded = np.concatenate([np.zeros_like(posemb[:, :1]), posemb], axis=1)
+  return interpolate_posemb(padded, config.num_tokens + 1)[:, 1:]
+
+
 def load(source, image_size=None, collection='imagenet21k', cache_dir=None,
          headless=False, **config_overrides):
   """Loads a ViT checkpoint: returns `(ViTConfig, params)` with params in the file's tree.
 
   Args:
     source: a local `.npz` path, a `gs://`/`https://` URL, or a published name
-      (`'ViT-B_16'`) in `collection`.
+      (`'ViT-B_16'`, `'R50+ViT-B_16'`) in `collection`; any layout in `LAYOUTS`,
+      whose parameters come back under the published files' names.
     image_size: input resolution; if it differs from the checkpoint's, the
       position embedding is interpolated.
     headless: drop the pre-trained classifier (`pre_logits`, `head`), for
@@ -243,13 +360,12 @@ def load(source, image_size=None, collection='imagenet21k', cache_dir=None,
     config_overrides: `ViTConfig` fields such as `dtype` or `approximate_gelu`.
   """
   path = resolve(source, collection, cache_dir)
-  flat = load_npz(path)
+  flat = official_layout(load_npz(path), path)
   config = vit_config(flat, path, image_size=image_size, **config_overrides)
-  if image_size is not None and config.image_size % config.patch_size:
+  if image_size is not None and config.image_size % config.patch_stride:
     raise CheckpointError(f'image_size {image_size} is not a multiple of the '
-                          f'checkpoint\'s patch size {config.patch_size}.')
-  key = 'Transformer/posembed_input/pos_embedding'
-  flat[key] = interpolate_posemb(flat[key], config.num_tokens)
+                          f'checkpoint\'s patch size {config.patch_stride}.')
+  flat[POSEMB] = _resized_posemb(flat[POSEMB], config)
   check_against(flat, config, path)
   if headless:
     config = dataclasses.replace(config, representation_size=None, num_classes=None)

@@ -55,6 +55,7 @@ MODES = ('host', 'disk', 'device')
 STORAGE_DTYPES = {'float32': np.dtype(np.float32),
                   'bfloat16': np.dtype(jnp.bfloat16)}
 AXIS = 'feature_cache'  # The pmapped axis of building and gathering.
+DEVICE_COPY_ROWS = 64  # Rows a device cache copies from host to device at a time.
 
 
 def backbone_digest(frozen) -> str:
@@ -83,6 +84,8 @@ def fingerprint(*, backbone_digest: str, vit, data_config, split: str
   for field in dataclasses.fields(vit):
     value = getattr(vit, field.name)
     is_json = isinstance(value, (str, int, float, bool, type(None)))
+    if dataclasses.is_dataclass(value):  # A hybrid's ResNetConfig.
+      value, is_json = dataclasses.asdict(value), True
     fields[f'vit.{field.name}'] = value if is_json else np.dtype(value).name
   return fields
 
@@ -220,7 +223,12 @@ def _aligned_empty(shape, dtype, alignment=64):
 
 
 class DeviceFeatureCache(FeatureCache):
-  """Rows sharded over every device of every host (module docstring)."""
+  """Rows sharded over every device of every host (module docstring).
+
+  Each shard starts as zeros on its device and is filled `DEVICE_COPY_ROWS`
+  rows at a time (updated in place), so the host never holds more than that
+  many rows of it -- on one device, the shard is the whole cache.
+  """
 
   def __init__(self, kv: np.ndarray, labels: np.ndarray, provenance: str):
     super().__init__(labels, provenance)
@@ -230,10 +238,12 @@ class DeviceFeatureCache(FeatureCache):
     shards = []
     for j, device in enumerate(devices):
       start = (first + j) * rows_per_device
-      shard = np.zeros((1, rows_per_device) + kv.shape[1:], kv.dtype)
-      rows = kv[start:start + rows_per_device]
-      shard[0, :len(rows)] = rows
-      shards.append(jax.device_put(shard, device))
+      shard = jnp.zeros((1, rows_per_device) + kv.shape[1:], kv.dtype, device=device)
+      stop = min(start + rows_per_device, len(kv))
+      for row in range(start, stop, DEVICE_COPY_ROWS):
+        rows = np.asarray(kv[row:min(row + DEVICE_COPY_ROWS, stop)])
+        shard = _write_shard_rows(shard, jax.device_put(rows, device), row - start)
+      shards.append(shard)
     mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
     self.shards = jax.make_array_from_single_device_arrays(
         (len(devices), rows_per_device) + kv.shape[1:],
@@ -250,6 +260,12 @@ class DeviceFeatureCache(FeatureCache):
   def _kv(self, indices, rows, layout):
     del rows, layout  # Each device receives its own slice of the global batch.
     return self._gather(self.shards, indices.astype(np.int32))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_shard_rows(shard, rows, start):
+  """`shard` (1, S, ...) with `rows` (r, ...) written from row `start`, in place."""
+  return jax.lax.dynamic_update_slice_in_dim(shard, rows[None], start, axis=1)
 
 
 def _gather_rows(shard, indices, padding_row):

@@ -5,6 +5,10 @@ Every submodule is named after the checkpoint key it owns (`embedding`, `cls`,
 a checkpoint is: read the file, split the keys on '/', `apply`. The blocks expose
 the pieces SynQT's query path needs (`image_kv`, `attend`, `mlp_residual`), so the
 frozen image path and the trainable query path share one set of weights.
+
+The families of vit_jax's `VisionTransformer` are covered: a class token or
+global average pooling (`classifier`), and the R50+ViT hybrids' ResNet stem
+(`resnet`, see models_resnet.py) under the patch embedding.
 """
 import dataclasses
 from typing import Any, Optional
@@ -13,8 +17,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from synqt_jax import models_resnet
+
 # The backbone's LayerNorm epsilon: timm's and Google's ViT both use 1e-6.
 BACKBONE_LN_EPS = 1e-6
+# What the pre-trained classifier reads: the class token, or the mean of all tokens.
+CLASSIFIERS = ('token', 'gap')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,15 +38,31 @@ class ViTConfig:
   num_classes: Optional[int] = None  # `head` outputs, None for a headless backbone.
   approximate_gelu: bool = False  # Exact (erf) GELU, as the reference computed.
   dtype: Any = jnp.float32  # Activation dtype; parameters stay float32.
+  classifier: str = 'token'  # 'gap': no class token, tokens are the patches only.
+  resnet: Optional[models_resnet.ResNetConfig] = None  # A hybrid's ResNet stem.
+
+  def __post_init__(self):
+    if self.classifier not in CLASSIFIERS:
+      raise ValueError(f'classifier={self.classifier!r}; expected one of {CLASSIFIERS}.')
 
   @property
   def head_dim(self):
     return self.hidden_size // self.num_heads
 
   @property
+  def patch_stride(self):
+    """Input pixels per token side: the patch, times the ResNet stem's stride."""
+    return self.patch_size * (self.resnet.stride if self.resnet else 1)
+
+  @property
+  def num_prefix_tokens(self):
+    """Tokens before the patch grid: the class token, or none for 'gap'."""
+    return 1 if self.classifier == 'token' else 0
+
+  @property
   def num_tokens(self):
-    """Image tokens including the class token: 1 + (S/P)^2."""
-    return 1 + (self.image_size // self.patch_size) ** 2
+    """Image tokens: the prefix tokens + (S / patch_stride)^2."""
+    return self.num_prefix_tokens + (self.image_size // self.patch_stride) ** 2
 
 
 @jax.custom_jvp
@@ -199,10 +223,16 @@ class VisionTransformer(nn.Module):
 
   def setup(self):
     c = self.config
+    if c.resnet is not None:
+      self.conv_root = models_resnet.StdConv(c.resnet.width, 7, 2, c.dtype)
+      self.gn_root = models_resnet.group_norm(c.dtype)
+      for i, stage in enumerate(models_resnet.stages(c.resnet, c.dtype)):
+        setattr(self, models_resnet.stage_name(i), stage)  # The file's names.
     self.embedding = nn.Conv(c.hidden_size, (c.patch_size, c.patch_size),
                              strides=(c.patch_size, c.patch_size),
                              padding='VALID', dtype=c.dtype)
-    self.cls = self.param('cls', nn.initializers.zeros, (1, 1, c.hidden_size))
+    if c.classifier == 'token':
+      self.cls = self.param('cls', nn.initializers.zeros, (1, 1, c.hidden_size))
     self.Transformer = Encoder(c)
     if c.representation_size is not None:
       self.pre_logits = nn.Dense(c.representation_size, dtype=c.dtype)
@@ -214,13 +244,31 @@ class VisionTransformer(nn.Module):
   def blocks(self):
     return self.Transformer.encoderblock
 
+  def stem(self, images):
+    """What the patch embedding reads: the images, or a hybrid's ResNet features."""
+    x = images.astype(self.config.dtype)
+    if self.config.resnet is None:
+      return x
+    x = models_resnet.root(self.conv_root, self.gn_root, x)
+    for i in range(len(self.config.resnet.num_layers)):
+      x = getattr(self, models_resnet.stage_name(i))(x)
+    return x
+
   def tokens(self, images):
-    """Images (B, S, S, 3) -> patch tokens with class token and position embedding."""
-    x = self.embedding(images.astype(self.config.dtype))
+    """Images (B, S, S, 3) -> patch tokens (after any class token), position embedded."""
+    x = self.embedding(self.stem(images))
     b = x.shape[0]
     x = x.reshape(b, -1, x.shape[-1])
-    cls = jnp.broadcast_to(self.cls.astype(x.dtype), (b, 1, x.shape[-1]))
-    return self.Transformer.posembed_input(jnp.concatenate([cls, x], axis=1))
+    if self.config.classifier == 'token':
+      cls = jnp.broadcast_to(self.cls.astype(x.dtype), (b, 1, x.shape[-1]))
+      x = jnp.concatenate([cls, x], axis=1)
+    return self.Transformer.posembed_input(x)
+
+  def pool(self, encoded):
+    """The classifier's input from encoded tokens (B, N, D): class token or mean."""
+    if self.config.classifier == 'token':
+      return encoded[:, 0]
+    return encoded.mean(axis=1)
 
   def representation(self, x):
     """`pre_logits` (Dense + tanh) where the checkpoint has one, else identity."""
@@ -245,8 +293,8 @@ class VisionTransformer(nn.Module):
     return kvs
 
   def __call__(self, images):
-    """The pre-trained classifier: class token -> pre_logits -> head."""
-    x = self.representation(self.Transformer(self.tokens(images))[:, 0])
+    """The pre-trained classifier: class token (or token mean) -> pre_logits -> head."""
+    x = self.representation(self.pool(self.Transformer(self.tokens(images))))
     return self.head(x) if self.config.num_classes is not None else x
 
 

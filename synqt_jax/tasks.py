@@ -193,7 +193,9 @@ _TASK_LIST = (
           aliases=('clevr_closest_object_distance', 'clevr_distance'),
           label_fn=clevr_distance_label),
     _vtab('dmlab', 6, 'dmlab:2.0.1', 'validation[:200]', 'test'),
-    _vtab('kitti_dist', 4, 'kitti:3.2.0', 'validation[:200]', 'test',
+    # kitti:3.1.0 as task_adaptation pins it (TFDS still builds it; 3.2.0
+    # updated the devkit, 3.3.0 added `occluded` labels).
+    _vtab('kitti_dist', 4, 'kitti:3.1.0', 'validation[:200]', 'test',
           folder_names=('kitti', 'kitti_dist'),
           aliases=('kitti', 'kitti_closest_vehicle_distance', 'kitti_distance'),
           label_fn=kitti_distance_label,

@@ -1,4 +1,6 @@
 """Figures: what SynQT's queries attend to, drawn over the image."""
+import math
+
 import jax
 import matplotlib.pyplot as plt
 import numpy as np
@@ -7,11 +9,13 @@ import numpy as np
 def attention_maps(attention):
   """(B, L, H, T, N) query attention -> (B, L, g, g) maps over the patch grid.
 
-  Averaged over heads and query tokens; the class token's weight is dropped and
-  each map renormalised over the patches.
+  Averaged over heads and query tokens; the class token's weight (if any: N is
+  1 + g*g, or g*g for a 'gap' ViT) is dropped and each map renormalised over
+  the patches.
   """
-  maps = np.asarray(attention).mean(axis=(2, 3))[..., 1:]
-  grid = int(round(maps.shape[-1] ** 0.5))
+  maps = np.asarray(attention).mean(axis=(2, 3))
+  grid = math.isqrt(maps.shape[-1])
+  maps = maps[..., maps.shape[-1] - grid * grid:]
   maps = maps / maps.sum(-1, keepdims=True)
   return maps.reshape(maps.shape[:2] + (grid, grid))
 

@@ -1,4 +1,5 @@
-"""Checkpoints: architecture from the file, counts, errors, interpolation, sources."""
+"""Checkpoints: architecture from the file, counts, errors, interpolation, sources, families."""
+import dataclasses
 import functools
 import http.server
 import os
@@ -6,12 +7,18 @@ import shutil
 import threading
 import urllib.parse
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from synqt_jax import checkpoint
+from synqt_jax import methods
+from synqt_jax import models_resnet
 from synqt_jax import models_vit
+from synqt_jax import random_vit
+from synqt_jax import synqt
 
 POS = 'Transformer/posembed_input/pos_embedding'
 
@@ -511,9 +518,198 @@ def test_corrupt_download_leaves_nothing(http_server, tmp_path, content):
 
 def test_unreachable_url_is_a_clear_error(http_server, tmp_path):
   cache = str(tmp_path / 'cache')
-  open_files = len(os.listdir('/proc/self/fd'))
   for _ in range(3):
     with pytest.raises(checkpoint.CheckpointError, match='Could not download .*404'):
       checkpoint.resolve(http_server.url + '/missing.npz', cache_dir=cache)
   assert files_under(cache) == []
-  assert len(os.listdir('/proc/self/fd')) == open_files  # The temp file is closed.
+  # The temp files are closed: no open descriptor points into the cache. (Not a
+  # count of all descriptors: libraries' threads open files of their own.)
+  targets = []
+  for fd in os.listdir('/proc/self/fd'):
+    try:
+      targets.append(os.readlink(f'/proc/self/fd/{fd}'))
+    except OSError:  # Closed since listed.
+      pass
+  assert not [t for t in targets if t.startswith(cache)]
+
+
+# --- Checkpoint families: each layout Google's ViTs are stored in. ---
+
+# R50+ViT-B/16's stem: units per stage; its file has 156 stem keys the plain
+# ViT lacks (3 root + 16 units x 9 + 3 projections x 3).
+R50_UNITS = (3, 4, 9)
+R50_STEM_KEYS = 156
+# "B/16" layouts at tiny widths: the B names (12 blocks, patch 16, 224 px). The
+# SynQT steps run on 2 of the blocks (compiling 12 costs minutes on 2 CPU cores).
+B16_LAYOUT = dict(width=32, depth=12, heads=2, mlp=64, patch=16, image=224, classes=5)
+TRAINED_DEPTH = 2
+
+
+def one_line(error):
+  message = str(error.value)
+  assert '\n' not in message and len(message) < 600, message
+  return message
+
+
+@functools.lru_cache(maxsize=None)
+def synqt_step(vit):
+  """A jitted SynQT AdamW step on `vit`: (trainable, frozen, images, labels) ->
+  (loss, new trainable, the gradient reaching the frozen backbone)."""
+  method = methods.SynQT(vit, synqt.SynQTConfig(num_classes=3))
+  optimizer = optax.adamw(1e-3)
+
+  def loss_fn(trainable, frozen, images, labels):
+    logits = method.apply(trainable, frozen, images, train=True,
+                          rngs={'dropout': jax.random.PRNGKey(1),
+                                'drop_path': jax.random.PRNGKey(2)})
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  @jax.jit
+  def step(trainable, frozen, images, labels):
+    loss, (grads, frozen_grads) = jax.value_and_grad(loss_fn, argnums=(0, 1))(
+        trainable, frozen, images, labels)
+    updates, _ = optimizer.update(grads, optimizer.init(trainable), trainable)
+    return loss, optax.apply_updates(trainable, updates), frozen_grads
+
+  return method, step
+
+
+# What only the image path reads (under stop_gradient): the stem, patch embedding,
+# class token and position embedding. The blocks' weights do get gradients, as
+# the queries pass through them, but are never updated.
+IMAGE_PATH_ONLY = ('conv_root/', 'gn_root/', 'block', 'embedding/', 'cls',
+                   'Transformer/posembed_input/')
+
+
+def trains_one_synqt_step(path, **load_kwargs):
+  """Loads `path` headless and runs one SynQT step on 2 random images; returns the config."""
+  vit, backbone = checkpoint.load(path, headless=True, **load_kwargs)
+  method, step = synqt_step(vit)
+  frozen = {'backbone': backbone}
+  trainable = method.init(jax.random.PRNGKey(0), frozen, None)
+  x = np.random.default_rng(0).standard_normal(
+      (2, vit.image_size, vit.image_size, 3)).astype(np.float32)
+  kv = jax.eval_shape(method.image_kv, frozen, x[:1])  # The K/V the queries read.
+  assert kv.shape == (1, vit.num_layers, 2, vit.num_tokens, vit.num_heads, vit.head_dim)
+  loss, new, frozen_grads = step(trainable, frozen, x, np.array([0, 2]))
+  assert np.isfinite(loss)
+  image_path = {k: g for k, g in checkpoint.flatten(frozen_grads['backbone']).items()
+                if k.startswith(IMAGE_PATH_ONLY)}
+  assert image_path and not any(np.any(np.asarray(g)) for g in image_path.values())
+  changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+                         trainable, new)
+  assert all(jax.tree.leaves(changed['head'])) and any(jax.tree.leaves(changed['synqt']))
+  return vit
+
+
+def test_r50_vit_b16_has_the_published_layout():
+  """R50+ViT-B/16 at full size, on shapes only: the stem's 156 keys, a 1x1 patch
+  embedding of the 1024-channel stage-3 map, 197 tokens; published name accepted."""
+  vit = models_vit.ViTConfig(768, 12, 12, 3072, 1, 224, 768, 21843,
+                             resnet=models_resnet.ResNetConfig(R50_UNITS))
+  shapes = checkpoint.expected_shapes(vit)
+  plain = checkpoint.expected_shapes(dataclasses.replace(vit, resnet=None, patch_size=16))
+  stem = set(shapes) - set(plain)
+  assert len(stem) == R50_STEM_KEYS and set(plain) <= set(shapes)
+  assert shapes['conv_root/kernel'] == (7, 7, 3, 64)
+  assert shapes['block3/unit9/conv3/kernel'] == (1, 1, 256, 1024)
+  assert shapes['embedding/kernel'] == (1, 1, 1024, 768)
+  assert shapes[POS] == (1, 197, 768) and vit.patch_stride == 16
+  assert checkpoint.published_url('R50+ViT-B_16').endswith('/imagenet21k/R50%2BViT-B_16.npz')
+  # random_vit writes the same keys and shapes (GroupNorm as the file's (1, 1, 1, C)).
+  flat = random_vit.make(width=32, depth=1, heads=2, mlp=64, patch=1, image=32,
+                         classes=5, resnet=R50_UNITS, resnet_width=32)
+  assert flat['gn_root/scale'].shape == (1, 1, 1, 32)
+  assert sum(k.startswith(('conv_root', 'gn_root', 'block')) for k in flat) == R50_STEM_KEYS
+
+
+@pytest.mark.parametrize('image', [224, 384])
+def test_hybrid_r50_b16_loads_and_trains_one_synqt_step(tmp_path, image):
+  """R50+ViT-B/16's stem layout at root width 32 (GroupNorm's 32 groups), 2 blocks."""
+  flat = random_vit.make(**{**B16_LAYOUT, 'patch': 1, 'image': image,
+                            'depth': TRAINED_DEPTH}, resnet=R50_UNITS, resnet_width=32)
+  vit = trains_one_synqt_step(write_npz(tmp_path / 'r50.npz', flat))
+  assert vit.resnet == models_resnet.ResNetConfig(R50_UNITS, 32)
+  assert vit.image_size == image and vit.num_tokens == 1 + (image // 16) ** 2
+
+
+def test_gap_s16_loads_resizes_and_trains_one_synqt_step(tmp_path):
+  """A global-average-pool ViT (no class token, 196 patch tokens), as ViT-S/16 gap."""
+  flat = random_vit.make(**{**B16_LAYOUT, 'heads': 4, 'depth': TRAINED_DEPTH},
+                         pre_logits=False, classifier='gap')
+  path = write_npz(tmp_path / 'gap.npz', flat)
+  vit = trains_one_synqt_step(path)
+  assert vit.classifier == 'gap' and vit.num_tokens == 196
+  # Another resolution resizes the patch grid alone (no class row to keep).
+  at_64, params = checkpoint.load(path, image_size=64)
+  assert at_64.num_tokens == 16 and params['Transformer']['posembed_input'][
+      'pos_embedding'].shape == (1, 16, 32)
+
+
+@pytest.fixture(scope='module')
+def official_b16():
+  """B/16 layout (tiny widths) in the published naming, and its logits on 2 images."""
+  flat = random_vit.make(**B16_LAYOUT)
+  config = checkpoint.vit_config(flat)
+  x = np.random.default_rng(3).standard_normal((2, 224, 224, 3)).astype(np.float32)
+  logits = models_vit.VisionTransformer(config).apply(
+      {'params': checkpoint.nest(flat)}, x)
+  return flat, config, x, logits
+
+
+LAYOUT_WRITERS = {'linen': random_vit.linen_names, 'opt_target': random_vit.opt_target,
+                  'big_vision': random_vit.big_vision,
+                  'big_vision_scan': functools.partial(random_vit.big_vision, scan=True)}
+
+
+@pytest.mark.parametrize('layout', list(LAYOUT_WRITERS))
+def test_other_b16_layouts_load_as_the_same_model_and_train(tmp_path, official_b16,
+                                                            layout):
+  """Linen names, an opt/target/ training state, big_vision params/ (loop and scan)."""
+  flat, config, x, logits = official_b16
+  path = write_npz(tmp_path / f'{layout}.npz', LAYOUT_WRITERS[layout](flat))
+  loaded, params = checkpoint.load(path)
+  assert loaded == config
+  np.testing.assert_allclose(
+      models_vit.VisionTransformer(loaded).apply({'params': params}, x), logits,
+      rtol=0, atol=1e-5)
+  if not layout.startswith('big_vision'):  # There `cls` absorbs a posemb row.
+    assert checkpoint.digest(checkpoint.flatten(params)) == checkpoint.digest(flat)
+  shallow = random_vit.make(**{**B16_LAYOUT, 'depth': TRAINED_DEPTH})
+  trains_one_synqt_step(write_npz(tmp_path / f'{layout}_{TRAINED_DEPTH}.npz',
+                                  LAYOUT_WRITERS[layout](shallow)))
+
+
+def test_big_vision_map_head_is_one_clear_line(tmp_path):
+  flat = random_vit.big_vision(random_vit.make(width=32, depth=1, heads=2, mlp=64,
+                                               patch=8, image=16, classifier='gap'))
+  flat['params/MAPHead_0/probe'] = np.zeros((1, 1, 32), np.float32)
+  with pytest.raises(checkpoint.CheckpointError, match='MAP head') as e:
+    checkpoint.load(write_npz(tmp_path / 'map.npz', flat))
+  one_line(e)
+
+
+def test_an_unknown_layout_is_one_line_naming_what_was_found(tmp_path):
+  """A 4,000-key file of another kind: one line with counts, not every key."""
+  flat = {f'blocks.{i}.mlp.fc{j}.weight': np.zeros(1, np.float32)
+          for i in range(1000) for j in range(4)}
+  flat['patch_embed.proj.weight'] = np.zeros(1, np.float32)
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    checkpoint.load(write_npz(tmp_path / 'timm.npz', flat))
+  message = one_line(e)
+  assert "has no 'embedding/kernel'" in message and '4001 keys' in message
+  assert 'big_vision params/' in message  # Says which layouts would load.
+
+
+def test_a_plain_vit_loaded_with_a_hybrids_extra_keys_summarises_them(tmp_path):
+  """The 156 stem keys beside a plain embedding: one line, counted by stage."""
+  flat = random_vit.make(width=32, depth=1, heads=2, mlp=64, patch=1, image=32,
+                         classes=5, resnet=R50_UNITS, resnet_width=32)
+  config = checkpoint.vit_config(
+      {k: v for k, v in checkpoint.official_layout(flat).items()
+       if not k.startswith(('conv_root', 'gn_root', 'block'))})
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    checkpoint.check_against(checkpoint.official_layout(flat), config)
+  message = one_line(e)
+  assert 'unexpected keys (156): 156 keys: block1/* (' in message
+  assert 'shape mismatch for embedding/kernel' in message

@@ -186,6 +186,23 @@ def test_host_disk_and_device_modes_give_identical_batches(setup, tmp_path):
     assert_same_batches(take(cache.batches(BATCH, seed=SEED), 4), expected)
 
 
+def test_device_cache_is_filled_a_few_rows_at_a_time(setup, tmp_path, monkeypatch):
+  """No whole-shard host array: rows reach the device DEVICE_COPY_ROWS at a time."""
+  method, frozen, _, _ = setup
+  copies = []
+  write = feature_cache._write_shard_rows
+  monkeypatch.setattr(feature_cache, 'DEVICE_COPY_ROWS', 3)
+  monkeypatch.setattr(feature_cache, '_write_shard_rows',
+                      lambda shard, rows, start: copies.append(len(rows)) or
+                      write(shard, rows, start))
+  cache = build(setup, mode='device', directory=str(tmp_path),
+                fingerprint=data_fingerprint(frozen, method))
+  rows = cache.num_examples + 1
+  assert copies == [3] * (rows // 3) + ([rows % 3] if rows % 3 else [])
+  expected = take(build(setup, mode='host').batches(BATCH, seed=SEED), 2)
+  assert_same_batches(take(cache.batches(BATCH, seed=SEED), 2), expected)
+
+
 @pytest.mark.parametrize('mode', ['host', 'disk'])
 def test_host_batches_reach_the_cpu_device_without_a_copy(setup, tmp_path, mode):
   """64-byte aligned K/V: XLA:CPU reads them in place (a copy cost ~25% of a step)."""

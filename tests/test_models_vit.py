@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from synqt_jax import checkpoint
+from synqt_jax import models_resnet
 from synqt_jax import models_vit
 from synqt_jax import random_vit
 
@@ -178,3 +179,54 @@ def test_small_models_build_and_run(width, depth, heads, mlp, patch, image):
   assert np.all(np.isfinite(logits))
   kvs = model.apply({'params': params}, x, method=models_vit.VisionTransformer.image_path)
   assert [k.shape for k, _ in kvs] == [(2, config.num_tokens, heads, width // heads)] * depth
+
+
+def test_std_conv_is_a_conv_with_a_standardised_kernel():
+  """StdConv = nn.Conv('SAME', no bias) on (W - mean) / (std + 1e-5) per output channel."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 9, 9, 5)).astype(np.float32)
+  kernel = (rng.standard_normal((3, 3, 5, 4)) * 3 + 1).astype(np.float32)
+  conv = models_resnet.StdConv(4, 3, strides=2)
+  got = conv.apply({'params': {'kernel': kernel}}, x)
+  k64 = kernel.astype(np.float64)
+  mean, std = k64.mean(axis=(0, 1, 2)), k64.std(axis=(0, 1, 2))
+  standardised = ((k64 - mean) / (std + 1e-5)).astype(np.float32)
+  want = flax.linen.Conv(4, (3, 3), strides=2, padding='SAME', use_bias=False).apply(
+      {'params': {'kernel': standardised}}, x)
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+  # Scaling or shifting a channel's weights changes nothing.
+  np.testing.assert_allclose(
+      conv.apply({'params': {'kernel': kernel * 7 - 2}}, x), got, rtol=0, atol=1e-4)
+
+
+def test_hybrid_stem_feeds_a_16x_smaller_grid_to_the_patch_embedding():
+  """R50's first three stages: 64 px -> a 4x4 grid of 4*4*width channels (stride 16)."""
+  config = models_vit.ViTConfig(32, 1, 2, 64, 1, 64, resnet=models_resnet.ResNetConfig(
+      (1, 1, 1), width=32))
+  assert config.patch_stride == 16 and config.num_tokens == 1 + 16
+  model = models_vit.VisionTransformer(config)
+  x = images(2, 64)
+  params = model.init(jax.random.PRNGKey(0), x)['params']
+  features = model.apply({'params': params}, x, method=models_vit.VisionTransformer.stem)
+  assert features.shape == (2, 4, 4, 4 * 4 * 32)
+  assert model.apply({'params': params}, x, method=models_vit.VisionTransformer.tokens
+                     ).shape == (2, 17, 32)
+
+
+def test_gap_classifier_has_no_class_token_and_pools_the_mean():
+  config = models_vit.ViTConfig(32, 2, 2, 64, 8, 32, num_classes=3, classifier='gap')
+  assert config.num_tokens == 16 and config.num_prefix_tokens == 0
+  model = models_vit.VisionTransformer(config)
+  x = images(2, 32)
+  params = model.init(jax.random.PRNGKey(0), x)['params']
+  assert 'cls' not in params
+  params['head']['kernel'] = np.random.default_rng(0).standard_normal((32, 3)).astype(
+      np.float32)
+  encoded = model.apply({'params': params},
+                        model.apply({'params': params}, x,
+                                    method=models_vit.VisionTransformer.tokens),
+                        method=lambda m, t: m.Transformer(t))
+  want = encoded.mean(axis=1) @ params['head']['kernel'] + params['head']['bias']
+  np.testing.assert_allclose(model.apply({'params': params}, x), want, atol=1e-5)
+  with pytest.raises(ValueError, match='classifier='):
+    models_vit.ViTConfig(32, 2, 2, 64, 8, 32, classifier='map')
