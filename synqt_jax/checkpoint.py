@@ -306,8 +306,8 @@ def resolve_normalization(config):
   recorded = file_metadata(c.source, c.collection, c.cache_dir).get('normalization')
   if recorded is None:
     raise CheckpointError(
-        f'data.normalization=\'auto\', but {c.source!r} does not record the input '
-        'normalisation it expects; set data.normalization=\'inception\' ([-1, 1], '
+        f'data.normalization=\'auto\', but {c.source!r} records no input '
+        'normalisation; set data.normalization=\'inception\' ([-1, 1], '
         'Google\'s ViT) or \'imagenet\' (ImageNet mean/std; DINOv2, timm, the SynQT '
         'reference), or convert the file with python -m synqt_jax.convert.')
   config = config.copy_and_resolve_references()
