@@ -294,27 +294,6 @@ def file_metadata(source, collection='imagenet21k', cache_dir=None):
             if k.startswith(METADATA_PREFIX)}
 
 
-def resolve_normalization(config):
-  """`config` with data.normalization='auto' replaced by what the backbone expects.
-
-  Converted checkpoints (convert.py) record their input normalisation; a file
-  that records none needs the user to choose.
-  """
-  if config.data.normalization != 'auto':
-    return config
-  c = config.checkpoint
-  recorded = file_metadata(c.source, c.collection, c.cache_dir).get('normalization')
-  if recorded is None:
-    raise CheckpointError(
-        f'data.normalization=\'auto\', but {c.source!r} records no input '
-        'normalisation; set data.normalization=\'inception\' ([-1, 1], '
-        'Google\'s ViT) or \'imagenet\' (ImageNet mean/std; DINOv2, timm, the SynQT '
-        'reference), or convert the file with python -m synqt_jax.convert.')
-  config = config.copy_and_resolve_references()
-  config.data.normalization = recorded
-  return config
-
-
 def load(source, image_size=None, collection='imagenet21k', cache_dir=None,
          headless=False, posemb_resize=None, **config_overrides):
   """Loads a ViT checkpoint: returns `(ViTConfig, params)` with params in the file's tree.

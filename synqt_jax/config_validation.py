@@ -4,6 +4,7 @@ The fields and their defaults are in configs/common.py.
 """
 import numbers
 
+from synqt_jax import checkpoint
 from synqt_jax import input_pipeline
 from synqt_jax import methods
 
@@ -60,6 +61,9 @@ def validate(config) -> None:
   _check(config, 'checkpoint.cache_dir',
          lambda x: x is None or isinstance(x, str) and x,
          'a directory, or None for the default cache')
+  _check(config, 'checkpoint.posemb_resize',
+         lambda x: x is None or x in checkpoint.POSEMB_RESIZE,
+         f'None (the file\'s choice) or one of {checkpoint.POSEMB_RESIZE}')
   input_pipeline.validate_data_config(_get(config, 'data'))
 
   _check(config, 'synqt.token_nums', _positive_int, 'a positive int (1, 4, 16)')

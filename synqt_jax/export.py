@@ -3,7 +3,7 @@
 An export is an `.npz` holding the trainable parameters under their flat
 '/'-joined names and, under `__metadata__`, a JSON string with the config
 fields that rebuild the model (method, SynQT settings, backbone checkpoint,
-task, resolution, normalisation, dtype). The frozen backbone is not in it: it
+task, classes, resolution, normalisation, dtype) and the class names. The frozen backbone is not in it: it
 is the shared pre-trained checkpoint, named in the metadata.
 """
 import json
@@ -13,6 +13,7 @@ import tempfile
 import numpy as np
 
 from synqt_jax import checkpoint
+from synqt_jax import input_pipeline
 
 METADATA_KEY = '__metadata__'
 FORMAT_VERSION = 1
@@ -23,17 +24,24 @@ class ExportError(ValueError):
 
 
 def metadata(config, **extra) -> dict:
-  """The config fields `predict` needs to rebuild the model, plus `extra`."""
+  """The config fields `predict` needs to rebuild the model, plus `extra`.
+
+  With the task's class names where the data has them (ImageFolder), so
+  `predict` prints names.
+  """
+  class_names = input_pipeline.class_names(config.data)
   return {
       'format_version': FORMAT_VERSION,
       'config': {
           'method': config.method,
           'synqt': config.synqt.to_dict(),
           'checkpoint': config.checkpoint.to_dict(),
-          'data': {key: config.data[key]
-                   for key in ('task', 'image_size', 'normalization')},
+          'data': {'num_classes': input_pipeline.num_classes(config.data),
+                   **{key: config.data[key]
+                      for key in ('task', 'image_size', 'normalization')}},
           'dtype': config.dtype,
       },
+      'class_names': class_names,
       **extra,
   }
 

@@ -18,9 +18,9 @@ import jax
 
 from synqt_jax import baselines
 from synqt_jax import image_path_memory
+from synqt_jax import input_pipeline
 from synqt_jax import models_vit
 from synqt_jax import synqt
-from synqt_jax import tasks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,5 +90,5 @@ def create(name, vit: models_vit.ViTConfig, num_classes, synqt_options=None,
 
 def from_config(config, vit: models_vit.ViTConfig):
   """The method `config.method` names, for the task `config.data.task`."""
-  return create(config.method, vit, tasks.get_task(config.data.task).num_classes,
+  return create(config.method, vit, input_pipeline.num_classes(config.data),
                 synqt_options=config.synqt.to_dict())

@@ -331,16 +331,16 @@ def test_auto_normalization_reads_the_converted_file(tmp_path):
   out = str(tmp_path / 'converted.npz')
   convert.main([path, out, f'--num_heads={HEADS}', '--normalization=inception'])
   config = _config(out, 'auto')
-  assert checkpoint.resolve_normalization(config).data.normalization == 'inception'
-  assert checkpoint.resolve_normalization(_config(out, 'imagenet')).data.normalization == (
+  assert input_pipeline.resolve_normalization(config).data.normalization == 'inception'
+  assert input_pipeline.resolve_normalization(_config(out, 'imagenet')).data.normalization == (
       'imagenet')  # An explicit choice wins.
 
 
 def test_auto_normalization_on_a_file_that_records_none_says_what_to_set(
     tiny_checkpoint):
-  with pytest.raises(checkpoint.CheckpointError,
+  with pytest.raises(input_pipeline.DataConfigError,
                      match="records no input normalisation.*data.normalization="):
-    checkpoint.resolve_normalization(_config(tiny_checkpoint(), 'auto'))
+    input_pipeline.resolve_normalization(_config(tiny_checkpoint(), 'auto'))
 
 
 def _config(source, normalization):
