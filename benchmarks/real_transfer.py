@@ -44,6 +44,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 2 ** 20
 DATA_SEED = 0  # The 800 + 200 draw; fixed, whatever the training seeds.
 STEP_MEMORY_BATCH = 64
+LOG_EVERY_STEPS = 2  # Throughput windows (train_images_per_sec).
 EXPENSIVE = ('lora', 'full')
 DEFAULT_METHODS = ('linear,synqt1,synqt4,synqt16,synqt1_cache,synqt4_cache,'
                    'synqt16_cache,lora,full')
@@ -119,7 +120,7 @@ def run_one(method, seed, data, backbone, normalization, workdir):
                                                     if _VAL.value else ''),
       'optim.epochs': _EPOCHS.value, 'optim.warmup_epochs': warmup,
       'eval_every_epochs': _EPOCHS.value, 'tensorboard': False,
-      'checkpoint_every_steps': 10 ** 6}
+      'checkpoint_every_steps': 10 ** 6, 'train.log_every_steps': LOG_EVERY_STEPS}
   command = [sys.executable, os.path.join(REPO, 'launch.py'),
              '--config', os.path.join(REPO, 'configs', f'folder.py:{data}'),
              '--workdir', run_dir,
@@ -138,7 +139,15 @@ def run_one(method, seed, data, backbone, normalization, workdir):
           'token_nums': method.token_nums, 'feature_cache': method.cached,
           'seed': seed, 'test_accuracy': results['test_accuracy'],
           'trainable_params': results['trainable_params'], 'wall_seconds': seconds,
+          'train_images_per_sec': steady_images_per_sec(run_dir),
           'peak_rss_bytes': usage.ru_maxrss * 1024}  # Linux: KiB.
+
+
+def steady_images_per_sec(run_dir):
+  """Median training throughput of the logged windows after the first (compiling)."""
+  with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
+    rates = [r['images_per_sec'] for r in map(json.loads, f) if 'images_per_sec' in r]
+  return statistics.median(rates[1:]) if len(rates) > 1 else None
 
 
 def step_memory(method, backbone):
@@ -159,20 +168,22 @@ def summarize(runs, step_bytes):
         'trainable_params': mine[0]['trainable_params'],
         'step_memory_bytes': step_bytes[name],
         'peak_rss_bytes': max(r['peak_rss_bytes'] for r in mine),
+        'train_images_per_sec': mine[0]['train_images_per_sec'],
         'wall_seconds_mean': statistics.mean(r['wall_seconds'] for r in mine)})
   return rows
 
 
 def markdown_table(rows):
   lines = ['| method | seeds | test accuracy (%) | trainable params | step memory '
-           f'b{STEP_MEMORY_BATCH} (MiB, XLA) | peak RSS (MiB) | wall (s) |',
-           '|---|---:|---:|---:|---:|---:|---:|']
+           f'b{STEP_MEMORY_BATCH} (MiB, XLA) | peak RSS (MiB) | train img/s | wall (s) |',
+           '|---|---:|---:|---:|---:|---:|---:|---:|']
   for r in rows:
     sd = '' if r['test_accuracy_sd'] is None else f' ± {100 * r["test_accuracy_sd"]:.2f}'
     lines.append(
         f'| {r["method"]} | {r["seeds"]} | {100 * r["test_accuracy_mean"]:.2f}{sd} | '
         f'{r["trainable_params"]:,} | {r["step_memory_bytes"] / MIB:,.0f} | '
-        f'{r["peak_rss_bytes"] / MIB:,.0f} | {r["wall_seconds_mean"]:.0f} |')
+        f'{r["peak_rss_bytes"] / MIB:,.0f} | {r["train_images_per_sec"] or 0:.0f} | '
+        f'{r["wall_seconds_mean"]:.0f} |')
   return '\n'.join(lines)
 
 

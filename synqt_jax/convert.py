@@ -72,20 +72,19 @@ def read_state_dict(path):
   """{name: float32 array} of a `.safetensors`, `.npz` or `.onnx` file."""
   if not os.path.isfile(path):
     raise ConversionError(f'{path!r} does not exist.')
-  try:
-    if path.endswith('.onnx'):
-      state = onnx_weights.state_dict(onnx_weights.load(path))
-    elif path.endswith('.safetensors'):
-      state = safetensors.numpy.load_file(path)
-    elif path.endswith('.npz'):
-      with np.load(path, allow_pickle=False) as f:
-        state = {k: f[k] for k in f.files}
-    else:
-      raise ConversionError(f'{path!r}: expected a .safetensors, .npz or .onnx file.')
-  except (OSError, ValueError, EOFError) as e:
-    if isinstance(e, ConversionError):
-      raise
-    raise ConversionError(f'Cannot read {path!r}: {e}') from e
+  if path.endswith('.onnx'):
+    state = onnx_weights.state_dict(onnx_weights.load(path))
+  elif path.endswith(('.safetensors', '.npz')):
+    try:
+      if path.endswith('.npz'):
+        with np.load(path, allow_pickle=False) as f:
+          state = {k: f[k] for k in f.files}
+      else:
+        state = safetensors.numpy.load_file(path)
+    except Exception as e:  # Truncated or foreign files raise many kinds.
+      raise ConversionError(f'Cannot read {path!r}: {e}') from e
+  else:
+    raise ConversionError(f'{path!r}: expected a .safetensors, .npz or .onnx file.')
   return {k: np.asarray(v, np.float32) for k, v in state.items()}
 
 

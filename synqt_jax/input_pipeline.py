@@ -54,7 +54,7 @@ from synqt_jax import tasks
 
 SOURCES = ('tfds', 'folder')
 NORMALIZATIONS = ('imagenet', 'inception')
-# data.normalization that the backbone's file decides (checkpoint.resolve_normalization).
+# data.normalization that the backbone's file decides (resolve_normalization).
 AUTO_NORMALIZATION = 'auto'
 IMAGENET_MEAN = np.array((0.485, 0.456, 0.406), np.float32)
 IMAGENET_STD = np.array((0.229, 0.224, 0.225), np.float32)
@@ -308,6 +308,7 @@ def _task(config) -> tasks.Task:
     return tasks.get_task(config.task)
   except tasks.UnknownTaskError as e:
     if config.source == 'folder' and isinstance(config.root, str):
+      # num_classes=0: not known yet; task_of reads it from the data.
       own = tasks.Task(name=str(config.task), num_classes=0,
                        folder_names=(str(config.task),))
       if folders.has_task(config.root, own, config.train_split):
@@ -319,7 +320,7 @@ def _task(config) -> tasks.Task:
 
 
 def _splits(config) -> list[str]:
-  return [split for split in (config.train_split, config.val_split,
+  return [split for split in (config.train_split, config.get('val_split'),
                               config.test_split) if split]
 
 

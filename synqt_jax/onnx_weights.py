@@ -50,8 +50,8 @@ def load(path):
 
 
 def _module_and_op(node_name):
-  """'/backbone/encoder/layer.3/attention/query/MatMul' -> ('backbone.encoder.layer.3
-  .attention.query', 'MatMul')."""
+  """A node's module path and op: '/a/layer.3/query/MatMul_1' -> ('a.layer.3.query',
+  'MatMul')."""
   *path, op = node_name.strip('/').split('/')
   return '.'.join(path), op.split('_')[0]
 

@@ -18,7 +18,9 @@ import scipy.ndimage
 import scipy.special
 import skimage.data
 
+from configs import common
 from synqt_jax import checkpoint
+from synqt_jax import config_validation
 from synqt_jax import convert
 from synqt_jax import input_pipeline
 from synqt_jax import models_vit
@@ -347,3 +349,21 @@ def _config(source, normalization):
   return ml_collections.ConfigDict(dict(
       checkpoint=dict(source=source, collection='imagenet21k', cache_dir=None),
       data=dict(normalization=normalization)))
+
+
+def test_posemb_resize_config_field_is_checked():
+  config = common.get_config()
+  assert config.checkpoint.posemb_resize is None  # The file's choice.
+  config.checkpoint.posemb_resize = 'bicubic'
+  config_validation.validate(config)
+  config.checkpoint.posemb_resize = 'area'
+  with pytest.raises(config_validation.ConfigError,
+                     match=r"config.checkpoint.posemb_resize='area'; expected None"):
+    config_validation.validate(config)
+
+
+def test_a_corrupt_source_is_one_clear_line(tmp_path):
+  path = tmp_path / 'model.safetensors'
+  path.write_bytes(b'\x00' * 10)
+  with pytest.raises(SystemExit, match='Cannot read .*model.safetensors'):
+    convert.main([str(path), str(tmp_path / 'out.npz')])
