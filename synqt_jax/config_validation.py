@@ -7,6 +7,7 @@ import inspect
 
 import optax
 
+from synqt_jax import checkpoint
 from synqt_jax import config_fields
 from synqt_jax import errors
 from synqt_jax import feature_cache
@@ -55,6 +56,9 @@ def validate(config) -> None:
   _check(config, 'backbone.cache_dir',
          lambda x: x is None or isinstance(x, str) and x,
          'a directory, or None for the default cache')
+  _check(config, 'backbone.posemb_resize',
+         lambda x: x is None or x in checkpoint.POSEMB_RESIZE,
+         f'None (the file\'s choice) or one of {checkpoint.POSEMB_RESIZE}')
   input_pipeline.validate_data_config(_get(config, 'data'))
   # The method's own section, checked by the fields it declares.
   if registered.fields:

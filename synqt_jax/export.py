@@ -3,7 +3,8 @@
 An export is an `.npz` holding the trainable parameters under their flat
 '/'-joined names and, under `__metadata__`, a JSON string with the config
 fields that rebuild the model (method, the method's own config section,
-backbone checkpoint, task, resolution, normalisation, dtype). The frozen
+backbone checkpoint, task, classes, resolution, normalisation, dtype) and
+the class names where the data has them. The frozen
 backbone is not in it: it is the shared pre-trained checkpoint, named in the
 metadata (`backbone`; exports before it was renamed say `checkpoint`).
 """
@@ -16,6 +17,7 @@ import numpy as np
 
 from synqt_jax import checkpoint
 from synqt_jax import errors
+from synqt_jax import input_pipeline
 
 METADATA_KEY = '__metadata__'
 FORMAT_VERSION = 1
@@ -26,7 +28,11 @@ class ExportError(errors.UserError, ValueError):
 
 
 def metadata(config, **extra) -> dict:
-  """The config fields `predict` needs to rebuild the model, plus `extra`."""
+  """The config fields `predict` needs to rebuild the model, plus `extra`.
+
+  With the task's class names where the data has them (ImageFolder), so
+  `predict` prints names.
+  """
   method = config.method
   return {
       'format_version': FORMAT_VERSION,
@@ -35,10 +41,12 @@ def metadata(config, **extra) -> dict:
           # The method's section, when it has one (`methods.REGISTRY`).
           **({method: config[method].to_dict()} if method in config else {}),
           'backbone': config.backbone.to_dict(),
-          'data': {key: config.data[key]
-                   for key in ('task', 'image_size', 'normalization')},
+          'data': {'num_classes': input_pipeline.num_classes(config.data),
+                   **{key: config.data[key]
+                      for key in ('task', 'image_size', 'normalization')}},
           'dtype': config.dtype,
       },
+      'class_names': input_pipeline.class_names(config.data),
       **extra,
   }
 

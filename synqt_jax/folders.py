@@ -4,6 +4,12 @@ The layout is detected from the split file that exists:
 
   NOAH/VPT lists  <root>/<task>/<split>.txt, lines '<image path> <label>',
                   paths relative to <root>/<task>/.
+  ImageFolder     <root>/<task>/<split>/<class name>/**/*.{jpg,png,...}, as
+                  torchvision's ImageFolder: labels are the class names in
+                  sorted order. The classes are those of all the split
+                  directories together (torchvision's when every split holds
+                  every class, consistent labels when one does not). Only
+                  where no split file exists.
   SynQT JSON      <root>/<task>/<split>.json, [{"<image path>": <label>}, ...],
                   paths relative to <root>/<task>/images/.
   VPT FGVC JSON   <root>/<split>.json, {"<image path>": <class id>, ...}, paths
@@ -16,7 +22,9 @@ The layout is detected from the split file that exists:
                   consistent ones when it does not.
 
 <task> may be any of the task's folder names (e.g. cifar or cifar100), or
-`root` may be the task's directory itself. Split 'a+b' concatenates splits a
+`root` may be the task's directory itself. A name that is not a registered
+task is a task of its own (its class count read from the data, see
+`count_classes`). Split 'a+b' concatenates splits a
 and b (e.g. FGVC 'train+val'). Splits are checked when read (every image
 exists, every label is in range), so bad data fails before training starts.
 """
@@ -35,6 +43,9 @@ from synqt_jax import errors
 from synqt_jax import tasks
 
 SPLIT_FILE_EXTENSIONS = ('.txt', '.json')
+# The image files an ImageFolder class directory holds (torchvision's list).
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif',
+                    '.tiff', '.webp')
 # The files whose class ids together define the FGVC id -> label mapping.
 FGVC_SPLIT_FILES = ('train.json', 'val.json', 'test.json')
 # Splits at least this large show a progress bar while `check_images` runs.
@@ -106,9 +117,12 @@ def read_split(root: str, task: tasks.Task, split: str) -> FolderSplit:
 
 
 def find_split_file(root: str, task: tasks.Task, split: str) -> str:
-  """Path of `split`'s list or JSON file for `task` under `root`."""
-  candidates = [os.path.join(root, name) for name in task.folder_names]
-  candidates.append(root)
+  """Path of `split`'s list or JSON file for `task` under `root`.
+
+  Where no candidate directory has one, the ImageFolder split directory
+  `<directory>/<split>/` instead.
+  """
+  candidates = _candidates(root, task)
   for directory in candidates:
     found = [os.path.join(directory, split + extension)
              for extension in SPLIT_FILE_EXTENSIONS]
@@ -119,15 +133,67 @@ def find_split_file(root: str, task: tasks.Task, split: str) -> str:
           'the images so the layout is unambiguous.')
     if found:
       return found[0]
+  for directory in candidates:
+    if _class_directories(os.path.join(directory, split)):
+      return os.path.join(directory, split)
   present = sorted(
       os.path.join(directory, name)
       for directory in candidates if os.path.isdir(directory)
       for name in os.listdir(directory)
       if name.endswith(SPLIT_FILE_EXTENSIONS))
   raise FolderNotFoundError(
-      f'No split file {split}.txt or {split}.json for task {task.name!r}; '
+      f'No split file {split}.txt or {split}.json, or ImageFolder directory '
+      f'{split}/<class name>/, for task {task.name!r}; '
       f'looked in {", ".join(candidates)}. Split files present: '
       f'{", ".join(present) or "none"}. Check data.root and the split name.')
+
+
+def _candidates(root: str, task: tasks.Task) -> list[str]:
+  return [os.path.join(root, name) for name in task.folder_names] + [root]
+
+
+def has_task(root: str, task: tasks.Task, split: str) -> bool:
+  """Whether `root` holds `task`'s directory, or `split` of it directly."""
+  try:
+    return (any(os.path.isdir(os.path.join(root, name))
+                for name in task.folder_names)
+            or bool(find_split_file(root, task, split.split('+')[0])))
+  except FolderNotFoundError:
+    return False
+
+
+def _class_directories(directory: str) -> list[str]:
+  """Sorted names of the subdirectories of an ImageFolder split directory."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(name for name in os.listdir(directory)
+                if os.path.isdir(os.path.join(directory, name)))
+
+
+def image_folder_classes(split_directory: str) -> tuple[str, ...]:
+  """The class names of an ImageFolder: those of every split beside this one."""
+  parent = os.path.dirname(split_directory)
+  return tuple(sorted({name for split in os.listdir(parent)
+                       for name in _class_directories(os.path.join(parent, split))}))
+
+
+def class_names(root: str, task: tasks.Task, split: str):
+  """The class names of an ImageFolder task (label i is name i); None for lists."""
+  path = find_split_file(root, task, split.split('+')[0])
+  return image_folder_classes(path) if os.path.isdir(path) else None
+
+
+def count_classes(root: str, task: tasks.Task, splits) -> int:
+  """The number of classes the data of `splits` shows: ImageFolder class
+  directories, or 1 + the largest label the split files list."""
+  names = class_names(root, task, splits[0])
+  if names is not None:
+    return len(names)
+  labels = [entry.label for split in splits for part in split.split('+')
+            for entry in _read(find_split_file(root, task, part), task)]
+  if not labels:
+    raise SplitFileError(f'The splits {", ".join(splits)} of {root} list no images.')
+  return max(labels) + 1
 
 
 def load_image(path: str, origin: str = '') -> Image.Image:
@@ -201,6 +267,8 @@ def check_images(split: FolderSplit, name: str, num_threads: int | None = None
 
 
 def _read(path: str, task: tasks.Task) -> Iterator[_Entry]:
+  if os.path.isdir(path):
+    return _read_image_folder(path)
   if path.endswith('.txt'):
     return _read_list(path)
   data = _load_json(path)
@@ -225,6 +293,17 @@ def _read_list(path: str) -> Iterator[_Entry]:
       label = fields[1] if len(fields) == 2 else None
       yield _Entry(os.path.join(directory, fields[0]),
                    _parse_label(label, origin, line.strip()), origin)
+
+
+def _read_image_folder(directory: str) -> Iterator[_Entry]:
+  classes = image_folder_classes(directory)
+  for name in _class_directories(directory):
+    class_directory = os.path.join(directory, name)
+    for walk_root, _, files in sorted(os.walk(class_directory, followlinks=True)):
+      for file in sorted(files):
+        if file.lower().endswith(IMAGE_EXTENSIONS):
+          yield _Entry(os.path.join(walk_root, file), classes.index(name),
+                       f'{class_directory} (class {name!r})')
 
 
 def _read_synqt_json(path: str, data: list) -> Iterator[_Entry]:

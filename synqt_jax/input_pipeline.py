@@ -4,12 +4,17 @@ Data config (a ConfigDict, `config.data` in the trainer; `default_data_config`
 builds one):
   source: 'tfds' (TFDS builders read with `tfds.data_source`) or 'folder'
     (prepared image folders, see folders.py).
-  task: task name or alias (tasks.py), e.g. 'cifar100', 'kitti', 'cub200'.
+  task: task name or alias (tasks.py), e.g. 'cifar100', 'kitti', 'cub200';
+    with source='folder' also any name of your own (see folders.py).
+  num_classes: None (the registered task's, or for your own task what the
+    data shows: ImageFolder class directories, 1 + the largest listed label)
+    or the number of classes.
   root: TFDS data_dir (None: TFDS's default, $TFDS_DATA_DIR or
     ~/tensorflow_datasets) or the prepared-folder root.
   image_size: side S of the square images the model sees (224).
-  normalization: 'imagenet' ((x/255 - mean)/std, the SynQT reference) or
-    'inception' ((x - 127.5)/127.5, the scaling Google's ViT checkpoints saw).
+  normalization: 'imagenet' ((x/255 - mean)/std, the SynQT reference),
+    'inception' ((x - 127.5)/127.5, the scaling Google's ViT checkpoints saw)
+    or 'auto' (what the checkpoint records, see resolve_normalization).
   train_split: 'train800val200' (VTAB) or 'train' / 'train+val' (FGVC).
   test_split: 'test'.
   val_split: 'val200' (VTAB), 'val' (FGVC) or None.
@@ -43,6 +48,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 import tqdm
 
+from synqt_jax import checkpoint
 from synqt_jax import config_fields
 from synqt_jax import errors
 from synqt_jax import folders
@@ -50,6 +56,8 @@ from synqt_jax import tasks
 
 SOURCES = ('tfds', 'folder')
 NORMALIZATIONS = ('imagenet', 'inception')
+# data.normalization that the backbone's file decides (resolve_normalization).
+AUTO_NORMALIZATION = 'auto'
 IMAGENET_MEAN = np.array((0.485, 0.456, 0.406), np.float32)
 IMAGENET_STD = np.array((0.229, 0.224, 0.225), np.float32)
 
@@ -84,10 +92,8 @@ def validate_data_config(config) -> None:
   if field('source') not in SOURCES:
     raise DataConfigError(
         f'data.source={config.source!r}; expected one of {SOURCES}.')
-  try:
-    task = tasks.get_task(field('task'))
-  except tasks.UnknownTaskError as e:
-    raise DataConfigError(f'data.task: {e}') from e
+  field('task')
+  task = _task(config)
   if config.source == 'tfds' and not task.is_vtab:
     raise DataConfigError(
         f'data.source=\'tfds\', but task {task.name!r} has no TFDS builder; '
@@ -103,7 +109,12 @@ def validate_data_config(config) -> None:
           and image_size > 0):
     raise DataConfigError(
         f'data.image_size={image_size!r}; expected a positive int (224).')
-  _check_normalization(field('normalization'))
+  if field('normalization') != AUTO_NORMALIZATION:
+    _check_normalization(config.normalization)
+  n = config.get('num_classes')
+  if not (n is None or isinstance(n, int) and not isinstance(n, bool) and n > 0):
+    raise DataConfigError(f'data.num_classes={n!r}; expected None (from the task '
+                          'or the data) or a positive int.')
   splits = {'train_split': field('train_split'),
             'test_split': field('test_split'),
             'val_split': getattr(config, 'val_split', None)}
@@ -148,7 +159,30 @@ def normalize(images: np.ndarray, normalization: str) -> np.ndarray:
   return images
 
 
+def resolve_normalization(config):
+  """`config` (a training config) with data.normalization='auto' replaced by
+  the normalisation its backbone checkpoint records (convert.py writes it)."""
+  if config.data.normalization != AUTO_NORMALIZATION:
+    return config
+  c = config.backbone
+  recorded = checkpoint.file_metadata(c.source, c.collection, c.cache_dir).get(
+      'normalization')
+  if recorded is None:
+    raise DataConfigError(
+        f"data.normalization='auto', but {c.source!r} records no input "
+        "normalisation; set data.normalization='inception' ([-1, 1], Google's "
+        "ViT) or 'imagenet' (ImageNet mean/std: DINOv2, timm, the SynQT "
+        'reference), or convert the file with python -m synqt_jax.convert.')
+  config = config.copy_and_resolve_references()
+  config.data.normalization = recorded
+  return config
+
+
 def _check_normalization(normalization: str) -> None:
+  if normalization == AUTO_NORMALIZATION:
+    raise DataConfigError(
+        "data.normalization='auto' must be resolved from the checkpoint first "
+        '(resolve_normalization).')
   if normalization not in NORMALIZATIONS:
     raise DataConfigError(f'data.normalization={normalization!r}; expected '
                           f'one of {NORMALIZATIONS}.')
@@ -277,6 +311,61 @@ class TfdsSource(Source):
     return resize(self._task.image_fn(example), self.image_size), label
 
 
+def _task(config) -> tasks.Task:
+  """The registered task `config.task` names, or (folders) a task of its own."""
+  try:
+    return tasks.get_task(config.task)
+  except tasks.UnknownTaskError as e:
+    if config.source == 'folder' and isinstance(config.root, str):
+      # num_classes=0: not known yet; task_of reads it from the data.
+      own = tasks.Task(name=str(config.task), num_classes=0,
+                       folder_names=(str(config.task),))
+      if folders.has_task(config.root, own, config.train_split):
+        return own
+    raise DataConfigError(
+        f'data.task: {e} Your own data: data.source=\'folder\' with data.root '
+        'holding <task>/<split>.txt lists or <task>/<split>/<class name>/ '
+        'images.') from e
+
+
+def _splits(config) -> list[str]:
+  return [split for split in (config.train_split, config.get('val_split'),
+                              config.test_split) if split]
+
+
+def task_of(config) -> tasks.Task:
+  """The task of data config `config`, with its number of classes.
+
+  data.num_classes wins; else a registered task's count; else (your own
+  folder task) what the data shows (`folders.count_classes`).
+  """
+  task = _task(config)
+  n = config.get('num_classes') or task.num_classes or folders.count_classes(
+      config.root, task, _splits(config))
+  return dataclasses.replace(task, num_classes=n)
+
+
+def num_classes(config) -> int:
+  """The number of classes of the task in data config `config` (see task_of).
+
+  An export's data config (task, num_classes) is enough where it has them.
+  """
+  if config.get('num_classes'):
+    return config.num_classes
+  if config.get('source') != 'folder':  # Also an old export's data config.
+    return tasks.get_task(config.task).num_classes
+  validate_data_config(config)
+  return task_of(config).num_classes
+
+
+def class_names(config):
+  """The class names of a folder task where the data has them (ImageFolder), or None."""
+  if config.source != 'folder':
+    return None
+  names = folders.class_names(config.root, _task(config), config.train_split)
+  return list(names) if names is not None else None
+
+
 def load_source(config, split: str, *, in_memory: bool = False) -> Source:
   """The `split` of the task in data config `config`.
 
@@ -292,7 +381,7 @@ def load_source(config, split: str, *, in_memory: bool = False) -> Source:
     folders, split files, images and labels.
   """
   validate_data_config(config)
-  task = tasks.get_task(config.task)
+  task = task_of(config)
   if config.source == 'folder':
     source = FolderSource(task, split,
                           folders.read_split(config.root, task, split),

@@ -27,9 +27,9 @@ from synqt_jax import baselines
 from synqt_jax import checkpoint
 from synqt_jax import config_fields
 from synqt_jax import image_path_memory
+from synqt_jax import input_pipeline
 from synqt_jax import models_vit
 from synqt_jax import synqt
-from synqt_jax import tasks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +181,7 @@ def create(name, vit: models_vit.ViTConfig, num_classes, config):
 def from_config(config, vit: models_vit.ViTConfig):
   """The method `config.method` names, for the task `config.data.task`."""
   return create(config.method, vit,
-                tasks.get_task(config.data.task).num_classes, config)
+                input_pipeline.num_classes(config.data), config)
 
 
 def create_method(config):
@@ -190,5 +190,6 @@ def create_method(config):
       config.backbone.source, image_size=config.data.image_size,
       collection=config.backbone.collection,
       cache_dir=config.backbone.cache_dir, headless=True,
+      posemb_resize=config.backbone.get('posemb_resize'),
       dtype=DTYPES[config.dtype])
   return from_config(config, vit), {'backbone': backbone}

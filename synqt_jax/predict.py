@@ -71,9 +71,13 @@ class Predictor:
     return np.asarray(jax.nn.softmax(logits.astype(np.float32)))
 
   def classify(self, image_paths, top_k=5, batch_size=64):
-    """[(path, [(label, probability), ...])], the top `top_k` labels per image."""
+    """[(path, [(label, probability), ...])], the top `top_k` labels per image.
+
+    Labels are the class names where the export has them, else class indices.
+    """
     check_image_files(image_paths)
     size = self.config.data.image_size
+    names = self.metadata.get('class_names')
     results = []
     for start in range(0, len(image_paths), batch_size):
       paths = image_paths[start:start + batch_size]
@@ -81,5 +85,6 @@ class Predictor:
                          for p in paths])
       for path, probs in zip(paths, self.probabilities(images)):
         top = np.argsort(-probs, kind='stable')[:top_k]
-        results.append((path, [(int(i), float(probs[i])) for i in top]))
+        results.append((path, [(names[i] if names else int(i), float(probs[i]))
+                               for i in top]))
     return results

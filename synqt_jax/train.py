@@ -86,6 +86,7 @@ def validated(config, workdir):
   config = resolve_workdir_paths(config, workdir)
   config_validation.validate(config)
   config_validation.validate_device_split(config, jax.device_count())
+  config = input_pipeline.resolve_normalization(config)
   workdir_lib.check_directory(workdir)
   return config
 

