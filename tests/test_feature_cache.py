@@ -303,14 +303,17 @@ def test_a_changed_backbone_or_an_interrupted_build_rebuilds(setup, tmp_path):
                    'building (the last build was interrupted)')
 
 
-def test_disk_cache_changed_at_the_same_size_is_rebuilt(setup, tmp_path):
-  """Issue 15, defect 6: overwritten rows were reused (accuracy 0.5 for 0.99)."""
+def _built_disk_cache(setup, directory):
+  """(fingerprint, K/V copied to memory) of a disk cache built in `directory`."""
   method, frozen, _, _ = setup
   fingerprint = data_fingerprint(frozen, method)
-  first = build(setup, mode='disk', directory=str(tmp_path),
-                fingerprint=fingerprint)
-  want = np.array(first.kv)
-  del first
+  return fingerprint, np.array(build(setup, mode='disk', directory=str(directory),
+                                     fingerprint=fingerprint).kv)
+
+
+def test_disk_cache_changed_at_the_same_size_is_rebuilt(setup, tmp_path):
+  """Issue 15, defect 6: overwritten rows were reused (accuracy 0.5 for 0.99)."""
+  fingerprint, want = _built_disk_cache(setup, tmp_path)
   path = tmp_path / 'train.kv.npy'
   size = path.stat().st_size
   with open(path, 'r+b') as f:
@@ -331,10 +334,7 @@ def test_disk_cache_changed_at_the_same_size_is_rebuilt(setup, tmp_path):
 
 def test_truncated_disk_cache_is_rebuilt(setup, tmp_path):
   """Issue 15, defect 6: 'mmap length is greater than file size', never rebuilt."""
-  method, frozen, _, _ = setup
-  fingerprint = data_fingerprint(frozen, method)
-  want = np.array(build(setup, mode='disk', directory=str(tmp_path),
-                        fingerprint=fingerprint).kv)
+  fingerprint, want = _built_disk_cache(setup, tmp_path)
   path = tmp_path / 'train.kv.npy'
   os.truncate(path, path.stat().st_size // 2)
   rebuilt = build(setup, mode='disk', directory=str(tmp_path),
