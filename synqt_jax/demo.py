@@ -1,6 +1,7 @@
 """Offline demo assets: a tiny random ViT checkpoint and a learnable image task.
 
-configs/tiny.py points `backbone.source` and `data.root` into the workdir, sets
+configs/tiny.py points `backbone.source` and `data.root` into the workdir (for a
+remote one, gs://..., into its local directory: workdir.local_directory), sets
 `config.demo`, and names `prepare` as the run's `config.prepare` hook, which
 the trainer calls first; `prepare(config)` writes whatever of the two is
 missing, so the whole training path (checkpoint loading, prepared-folder

@@ -8,16 +8,17 @@ the class names where the data has them. The frozen
 backbone is not in it: it is the shared pre-trained checkpoint, named in the
 metadata (`backbone`; exports before it was renamed say `checkpoint`).
 """
+import io
 import json
-import os
-import tempfile
 import zipfile
 
+from etils import epath
 import numpy as np
 
 from synqt_jax import checkpoint
 from synqt_jax import errors
 from synqt_jax import input_pipeline
+from synqt_jax import workdir
 
 METADATA_KEY = '__metadata__'
 FORMAT_VERSION = 1
@@ -56,25 +57,19 @@ def save(path, params, meta: dict) -> None:
   arrays = {key: np.asarray(value)
             for key, value in checkpoint.flatten(params).items()}
   arrays[METADATA_KEY] = np.array(json.dumps(meta))
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, suffix='.npz.part')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      np.savez(f, **arrays)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; an export is to share.
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  workdir.write_file(path, buffer.getvalue(), suffix='.npz.part')
 
 
 def load(path):
   """(params, metadata) of an export written by `save`; ExportError if unreadable."""
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise ExportError(f'Export file {path!r} does not exist. Give the '
                       'export.npz of a finished run (or its workdir).')
   try:
-    with np.load(path, allow_pickle=False) as f:
+    with epath.Path(path).open('rb') as file, np.load(
+        file, allow_pickle=False) as f:
       arrays = {key: f[key] for key in f.files}
       meta = (json.loads(str(arrays.pop(METADATA_KEY)))
               if METADATA_KEY in arrays else None)

@@ -13,6 +13,8 @@ import time
 import jax
 import tqdm
 
+from synqt_jax import workdir as workdir_lib
+
 
 def metric_writers():
   """clu.metric_writers, imported only when used: it imports TensorFlow."""
@@ -31,20 +33,21 @@ class MetricsLog:
 
   def __init__(self, workdir: str, resume_step: int, tensorboard: bool = True):
     self._enabled = jax.process_index() == 0
-    self._path = os.path.join(workdir, 'metrics.jsonl')
+    self._path = workdir_lib.as_path(workdir) / 'metrics.jsonl'
     self._file = self._writer = None
     if not self._enabled:
       return
     self._truncate_after(resume_step)
-    self._file = open(self._path, 'a')
+    self._file = self._path.open('a')
     if tensorboard:
       writers = metric_writers()
-      self._writer = writers.AsyncWriter(writers.SummaryWriter(workdir))
+      self._writer = writers.AsyncWriter(writers.SummaryWriter(
+          os.fspath(workdir_lib.as_path(workdir))))
 
   def _truncate_after(self, step: int) -> None:
-    if not os.path.exists(self._path):
+    if not self._path.exists():
       return
-    with open(self._path) as f:
+    with self._path.open() as f:
       lines = [line for line in f if line.strip()]
     kept = []
     for line in lines:
@@ -53,7 +56,7 @@ class MetricsLog:
           kept.append(line)
       except (ValueError, KeyError):
         pass  # A line cut short by a kill.
-    with open(self._path, 'w') as f:
+    with self._path.open('w') as f:
       f.writelines(kept)
 
   def write(self, step: int, scalars: dict) -> None:

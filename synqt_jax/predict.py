@@ -4,6 +4,7 @@
 """
 import os
 
+from etils import epath
 import jax
 import numpy as np
 
@@ -28,7 +29,7 @@ def export_path(workdir=None, export_file=None):
   if export_file is not None:
     return export_file
   path = os.path.join(workdir, 'export.npz')
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise PredictInputError(
         f'{workdir!r} has no export.npz: the run has not finished. Run '
         'launch.py with this workdir again to finish it.')

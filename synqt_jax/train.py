@@ -71,13 +71,18 @@ class TrainState(train_state.TrainState):
 # --- Configuration and data. ---
 
 def resolve_workdir_paths(config, workdir):
-  """A copy of `config` with `{workdir}` in backbone.source and data.root filled in."""
+  """A copy of `config` with `{workdir}` in backbone.source and data.root filled in.
+
+  With the local directory of the workdir (workdir.local_directory): the
+  workdir itself, or for a remote one a local cache directory, as these are
+  read as local files.
+  """
   config = config.copy_and_resolve_references()
   for section, field in (('backbone', 'source'), ('data', 'root')):
     value = config[section][field]
     if isinstance(value, str):
-      config[section][field] = value.replace('{workdir}',
-                                             os.path.abspath(workdir))
+      config[section][field] = value.replace(
+          '{workdir}', workdir_lib.local_directory(workdir))
   return config
 
 
@@ -100,7 +105,7 @@ def prepare_run(config, workdir):
   workdir_lib.check_identity(workdir, config)
   if config.prepare:
     config_fields.function(config.prepare)(config)
-  _write_json(os.path.join(workdir, 'config.json'),
+  _write_json(workdir_lib.as_path(workdir) / 'config.json',
               config_fields.without_aliases(config.to_dict()))
 
 
@@ -257,7 +262,8 @@ def open_train_batches(config, workdir, method, frozen, p_frozen, data,
   """The training batches from `start_step` on: online, or cached K/V.
 
   With `train.feature_cache` the training split's image-path K/V are built
-  (or reused) in <workdir>/feature_cache/ first; `frozen` is the host copy of
+  (or reused) in <workdir>/feature_cache/ first (a local directory for a
+  remote workdir: workdir.local_directory); `frozen` is the host copy of
   the frozen parameters, `p_frozen` the replicated one.
   """
   num_steps = data.total_steps - start_step
@@ -278,7 +284,8 @@ def open_train_batches(config, workdir, method, frozen, p_frozen, data,
       method, p_frozen, data.train, normalization=config.data.normalization,
       mode=config.train.feature_cache, storage_dtype=config.train.cache_dtype,
       batch_size=config.eval_batch_size,
-      directory=os.path.join(os.path.abspath(workdir), 'feature_cache'),
+      directory=os.path.join(workdir_lib.local_directory(workdir),
+                             'feature_cache'),
       name='train', fingerprint=fingerprint)
   logging.info('Feature cache: %s.', cache.provenance)
   return cache.batches(config.optim.batch_size, seed=config.seed,
@@ -386,7 +393,7 @@ class DeferredEvaluator(Evaluator):
     # A copy: the next step donates the replicated buffers.
     self._kept[step] = jax.tree.map(np.array, unreplicate(p_params))
     path = _kept_params_path(self._workdir, step)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     export.save(path, self._kept[step], dict(point))
     self.deferred.append(point)
     logging.info('Epoch %d: parameters kept for the deferred evaluation.',
@@ -398,8 +405,8 @@ def _kept_params_path(workdir, step):
 
   One file per process, so hosts sharing a workdir never write the same file.
   """
-  return os.path.join(os.path.abspath(workdir), 'deferred_eval',
-                      f'step_{step}.process_{jax.process_index()}.npz')
+  return (workdir_lib.as_path(workdir) / 'deferred_eval' /
+          f'step_{step}.process_{jax.process_index()}.npz')
 
 
 def create_evaluator(config, workdir, method, p_frozen, data, log,
@@ -446,7 +453,7 @@ class Checkpointing:
     self._every, self._total_steps = config.checkpoint_every_steps, total_steps
     self._schedule = schedule
     self._checkpoints = train_checkpoints.TrainCheckpoints(
-        os.path.join(os.path.abspath(workdir), 'checkpoints'),
+        workdir_lib.as_path(workdir) / 'checkpoints',
         config.keep_checkpoints)
     self._preemption = None
     self.preempted = False
@@ -540,7 +547,7 @@ def train_and_evaluate(config, workdir):
   One run at a time holds the workdir (workdir.locked).
   """
   config = validated(config, workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.as_path(workdir).mkdir(parents=True, exist_ok=True)
   with workdir_lib.locked(workdir, jax.process_index()):
     return run(config, workdir)
 
@@ -607,9 +614,9 @@ def run(config, workdir):
 
   results = results_summary(config, evaluations,
                             methods.trainable_count(state.params))
-  _write_json(os.path.join(workdir, 'results.json'), results)
+  _write_json(workdir_lib.as_path(workdir) / 'results.json', results)
   if jax.process_index() == 0:
-    export.save(os.path.join(workdir, 'export.npz'),
+    export.save(workdir_lib.as_path(workdir) / 'export.npz',
                 unreplicate(p_state.params),
                 export.metadata(config, step=data.total_steps,
                                 test_accuracy=results['test_accuracy']))

@@ -12,18 +12,27 @@ into its results. Fields that say where things are (LOCATION_FIELDS) are not
 part of it; fields that only say how the run is carried out
 (OPERATIONAL_FIELDS) may change on resume, but not once the run has finished
 (results.json): a finished workdir is never rewritten by another config.
+
+A workdir is a local directory or a URL (gs://bucket/run: on Cloud TPU a
+bucket is the filesystem the hosts share); `as_path(workdir)` is the
+`etils.epath.Path` every file of the run is reached through. What must be a
+local file (the memory-mapped disk feature cache, the data a config's
+`prepare` generates for `{workdir}`) goes to `local_directory(workdir)`.
 """
 import contextlib
 import datetime
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import socket
 import tempfile
+import uuid
 from typing import Any, Iterator
 
 from absl import logging
+from etils import epath
 
 from synqt_jax import config_fields
 from synqt_jax import errors
@@ -49,13 +58,45 @@ class RunMismatchError(errors.UserError):
   """A workdir that holds another run than the config describes."""
 
 
+def is_remote(workdir) -> bool:
+  """True for a URL workdir (gs://...), False for a local directory."""
+  return '://' in os.fspath(workdir)
+
+
+def as_path(workdir) -> epath.Path:
+  """`workdir` as a path: a local one made absolute, a URL as given."""
+  workdir = os.fspath(workdir)
+  return epath.Path(workdir if is_remote(workdir) else os.path.abspath(workdir))
+
+
+def local_directory(workdir) -> str:
+  """A local directory for what this run needs as plain local files.
+
+  The workdir itself when it is local; for a remote one a directory of the
+  user's cache (XDG_CACHE_HOME or ~/.cache, then synqt_jax/remote_workdirs/)
+  named by a digest of the URL, so a resumed run on this host finds it again.
+  """
+  if not is_remote(workdir):
+    return os.path.abspath(workdir)
+  cache = os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache')
+  digest = hashlib.sha256(os.fspath(workdir).rstrip('/').encode()).hexdigest()
+  return os.path.join(cache, 'synqt_jax', 'remote_workdirs', digest[:16])
+
+
 def check_directory(workdir: str) -> None:
   """Raises WorkdirError unless `workdir` is, or can be made, a writable directory.
 
   Call it first: a path that is a file, lies under a file, or is on a
   read-only disk gets one line saying so. Writes nothing (the probe file is
-  unnamed and gone at once); the trainer creates the directory.
+  unnamed and gone at once); the trainer creates the directory. A remote
+  workdir is only checked not to be a file: its writability shows at the
+  first write.
   """
+  if is_remote(workdir):
+    if as_path(workdir).is_file():
+      raise WorkdirError(f'--workdir {workdir} is a file, not a directory. '
+                         'Give a directory (it is created if missing).')
+    return
   path = os.path.abspath(workdir)
   if os.path.exists(path) and not os.path.isdir(path):
     raise WorkdirError(f'--workdir {workdir} is a file, not a directory. Give '
@@ -88,7 +129,13 @@ def locked(workdir: str, process_index: int = 0) -> Iterator[None]:
   start time) for the message. A lock file left by a process that is gone is
   taken over with a warning. Each process of a multi-host run locks its own
   file.
+
+  A remote workdir (gs://...) has no kernel locks: see `_object_locked`.
   """
+  if is_remote(workdir):
+    with _object_locked(workdir, process_index):
+      yield
+    return
   path = _lock_path(workdir, process_index)
   fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
   try:
@@ -108,6 +155,33 @@ def locked(workdir: str, process_index: int = 0) -> Iterator[None]:
       fcntl.flock(fd, fcntl.LOCK_UN)
   finally:
     os.close(fd)
+
+
+@contextlib.contextmanager
+def _object_locked(workdir: str, process_index: int) -> Iterator[None]:
+  """The lock of a remote workdir: a lock object naming its holder.
+
+  Removed when the run ends. One left behind that names this host and a pid
+  that is gone is taken over with a warning; one from another host cannot be
+  checked, so the run refuses and names the object to delete if that run is
+  gone. Unlike flock this cannot keep apart two runs that start at the same
+  moment.
+  """
+  lock = as_path(_lock_path(workdir, process_index))
+  if lock.exists():
+    holder = _parse_holder(lock.read_text())
+    if holder.get('host') != socket.gethostname() or _alive(holder.get('pid')):
+      raise WorkdirError(
+          f'{workdir} is in use by another run ({_describe(holder)}). Wait '
+          f'for it to finish or stop it; if it is gone, delete {lock}. Or '
+          'give this run a new workdir.')
+    logging.warning('Taking over the lock of %s from a run that is gone '
+                    '(%s).', lock, _describe(holder))
+  lock.write_text(json.dumps(_holder()))
+  try:
+    yield
+  finally:
+    lock.unlink(missing_ok=True)
 
 
 def _try_lock(fd: int, holder: dict[str, Any]) -> bool:
@@ -135,19 +209,25 @@ def _alive(pid) -> bool:
 
 def _read_holder(fd: int) -> dict[str, Any]:
   os.lseek(fd, 0, os.SEEK_SET)
-  text = os.read(fd, 4096).decode(errors='replace')
+  return _parse_holder(os.read(fd, 4096).decode(errors='replace'))
+
+
+def _parse_holder(text: str) -> dict[str, Any]:
   try:
     return json.loads(text) if text.strip() else {}
   except json.JSONDecodeError:
     return {'unreadable lock file': text[:80]}
 
 
+def _holder() -> dict[str, Any]:
+  return {'host': socket.gethostname(), 'pid': os.getpid(),
+          'since': datetime.datetime.now().isoformat(timespec='seconds')}
+
+
 def _write_holder(fd: int) -> None:
-  holder = {'host': socket.gethostname(), 'pid': os.getpid(),
-            'since': datetime.datetime.now().isoformat(timespec='seconds')}
   os.ftruncate(fd, 0)
   os.lseek(fd, 0, os.SEEK_SET)
-  os.write(fd, json.dumps(holder).encode())
+  os.write(fd, json.dumps(_holder()).encode())
   os.fsync(fd)
 
 
@@ -182,12 +262,9 @@ def check_identity(workdir: str, config, **derived) -> None:
   value not yet known) are not compared.
   """
   ours = identity(config, **derived)
-  path = os.path.join(workdir, IDENTITY_FILE)
-  stored = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      stored = json.load(f)
-  finished = os.path.exists(os.path.join(workdir, RESULTS_FILE))
+  path = as_path(workdir) / IDENTITY_FILE
+  stored = json.loads(path.read_text()) if path.exists() else {}
+  finished = (as_path(workdir) / RESULTS_FILE).exists()
   changes = [f'{key} {_short(stored[key])} -> {_short(ours[key])}'
              for key in sorted(set(stored) & set(ours))
              if stored[key] != ours[key]
@@ -221,14 +298,30 @@ def _flatten(tree, prefix='') -> dict[str, Any]:
   return flat
 
 
-def write_json(path: str, data) -> None:
+def write_json(path, data) -> None:
   """Writes `data` to `path` atomically: a whole file or the previous one."""
+  write_file(path, json.dumps(data, indent=2).encode(), suffix='.json.part')
+
+
+def write_file(path, data: bytes, suffix: str) -> None:
+  """Writes `data` to `path` atomically: a whole file or the previous one.
+
+  It is written beside `path` (named ...`suffix`) and renamed into place;
+  on a remote filesystem through epath (on GCS the rename is a copy, and an
+  object appears only whole).
+  """
+  if is_remote(path):
+    target = epath.Path(path)
+    staged = target.parent / f'{target.name}.{uuid.uuid4().hex}{suffix}'
+    staged.write_bytes(data)
+    staged.replace(target)
+    return
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                             suffix='.json.part')
+                             suffix=suffix)
   try:
-    with os.fdopen(fd, 'w') as f:
-      json.dump(data, f, indent=2)
-    os.chmod(tmp, 0o644)
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a run's files are not.
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
