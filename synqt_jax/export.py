@@ -8,7 +8,6 @@ the class names where the data has them. The frozen
 backbone is not in it: it is the shared pre-trained checkpoint, named in the
 metadata (`backbone`; exports before it was renamed say `checkpoint`).
 """
-import io
 import json
 import zipfile
 
@@ -57,9 +56,7 @@ def save(path, params, meta: dict) -> None:
   arrays = {key: np.asarray(value)
             for key, value in checkpoint.flatten(params).items()}
   arrays[METADATA_KEY] = np.array(json.dumps(meta))
-  buffer = io.BytesIO()
-  np.savez(buffer, **arrays)
-  workdir.write_file(path, buffer.getvalue(), suffix='.npz.part')
+  workdir.write_file(path, lambda f: np.savez(f, **arrays), 'wb', '.npz.part')
 
 
 def load(path):

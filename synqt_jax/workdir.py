@@ -24,6 +24,7 @@ import datetime
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import socket
@@ -300,27 +301,34 @@ def _flatten(tree, prefix='') -> dict[str, Any]:
 
 def write_json(path, data) -> None:
   """Writes `data` to `path` atomically: a whole file or the previous one."""
-  write_file(path, json.dumps(data, indent=2).encode(), suffix='.json.part')
+  write_file(path, lambda f: json.dump(data, f, indent=2), 'w', '.json.part')
 
 
-def write_file(path, data: bytes, suffix: str) -> None:
-  """Writes `data` to `path` atomically: a whole file or the previous one.
+def write_file(path, write, mode: str, suffix: str) -> None:
+  """Calls `write(file)` on a file opened in `mode`, then renames it to `path`.
 
-  It is written beside `path` (named ...`suffix`) and renamed into place;
-  on a remote filesystem through epath (on GCS the rename is a copy, and an
-  object appears only whole).
+  The file is beside `path` (named ...`suffix`), so `path` is always whole:
+  the new file or the previous one. On a remote filesystem it is written in
+  memory first (remote files need not seek, as np.savez may), then through
+  epath (on GCS the rename is a copy, and an object only appears whole).
   """
   if is_remote(path):
     target = epath.Path(path)
     staged = target.parent / f'{target.name}.{uuid.uuid4().hex}{suffix}'
-    staged.write_bytes(data)
-    staged.replace(target)
+    buffer = io.BytesIO() if 'b' in mode else io.StringIO()
+    write(buffer)
+    try:
+      with staged.open(mode) as f:
+        f.write(buffer.getvalue())
+      staged.replace(target)
+    finally:
+      staged.unlink(missing_ok=True)
     return
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
                              suffix=suffix)
   try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
+    with os.fdopen(fd, mode) as f:
+      write(f)
     os.chmod(tmp, 0o644)  # mkstemp makes it private; a run's files are not.
     os.replace(tmp, path)
   finally:
