@@ -35,7 +35,9 @@ from training_runs import tiny_config
 fsspec_registry = importlib.import_module('fsspec.registry')  # fsspec.registry
 # is the registry's read-only view; the module holds the dict.
 WORKDIR = 'gs://fake-bucket/runs/tiny'
-SHORT = {'optim.epochs': 2, **NO_DROPOUT}  # 14 steps, checkpoints every 3.
+# 14 steps, checkpoints every 3; every kind of file a run writes.
+SHORT = {'optim.epochs': 2, 'train.deferred_eval': True,
+         'train.feature_cache': 'disk', **NO_DROPOUT}
 
 
 class _BucketsInDirectory(dirfs.DirFileSystem):
@@ -116,11 +118,15 @@ def test_gs_workdir_trains_resumes_and_exports_with_nothing_written_locally(
                'export.npz'):
     assert name in written
   assert sorted(os.listdir(remote / 'checkpoints')) == ['12', '14', '9']  # keep 3
+  assert [path for path in written if path.startswith('deferred_eval/')] == [
+      'deferred_eval/step_14.process_0.npz']
   assert not [path for path in written if path.endswith('.lock')]
-  # Only what the run reads as local files: the generated demo data.
+  # Only what the run needs as local files: the demo data, the memory-mapped
+  # feature cache.
   local_dir = workdir_lib.local_directory(WORKDIR)
   assert local_dir.startswith(str(tmp_path / 'cache'))
-  assert sorted(os.listdir(local_dir)) == ['tiny_data', 'tiny_vit.npz']
+  assert sorted(os.listdir(local_dir)) == [
+      'feature_cache', 'tiny_data', 'tiny_vit.npz']
 
   # Bit-identical to an uninterrupted run in a local workdir.
   local_workdir = tmp_path / 'local'
