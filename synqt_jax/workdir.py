@@ -94,7 +94,16 @@ def check_directory(workdir: str) -> None:
   first write.
   """
   if is_remote(workdir):
-    if as_path(workdir).is_file():
+    try:
+      is_file = as_path(workdir).is_file()
+    except Exception as e:  # pylint: disable=broad-except
+      # Each backend (tf.io.gfile, gcsfs, ...) raises its own kind.
+      reason = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+      raise WorkdirError(
+          f'--workdir {workdir} cannot be reached ({reason}). Check the URL, '
+          'the network and the credentials (gcloud auth application-default '
+          'login).') from e
+    if is_file:
       raise WorkdirError(f'--workdir {workdir} is a file, not a directory. '
                          'Give a directory (it is created if missing).')
     return

@@ -169,3 +169,17 @@ def test_remote_lock_of_a_gone_run_is_taken_over_and_another_hosts_is_not(
                      match=f'if it is gone, delete {WORKDIR}/run.process_0.lock'):
     with workdir_lib.locked(WORKDIR):
       pass
+
+
+def test_unreachable_remote_workdir_is_one_line(fake_gcs, monkeypatch):
+  def unreachable(self):
+    raise RuntimeError('Could not resolve host: storage.example\n\tdetails')
+
+  monkeypatch.setattr(type(workdir_lib.as_path(WORKDIR)), 'is_file',
+                      unreachable)
+  with pytest.raises(workdir_lib.WorkdirError) as error:
+    workdir_lib.check_directory(WORKDIR)
+  assert str(error.value) == (
+      f'--workdir {WORKDIR} cannot be reached (Could not resolve host: '
+      'storage.example). Check the URL, the network and the credentials '
+      '(gcloud auth application-default login).')
