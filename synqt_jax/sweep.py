@@ -44,7 +44,6 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from synqt_jax import config_validation
 from synqt_jax import deferred_eval
@@ -205,10 +204,6 @@ class Member:
   schedule: Any
   state: train.TrainState  # Host copy: initial, restored, then final.
   evaluator: train.Evaluator | None = None
-
-  @property
-  def done(self) -> bool:
-    return self.evaluator is not None
 
 
 def create_member(name, config, workdir, vit, frozen, data):
