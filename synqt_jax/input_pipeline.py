@@ -167,7 +167,7 @@ def resize_shorter_side(image: Image.Image | np.ndarray, size: int
   """
   if isinstance(image, np.ndarray):
     image = Image.fromarray(_rgb(image))
-  image = image.convert('RGB')
+  image = folders.to_rgb(image)
   width, height = image.size
   scale = size / min(width, height)
   # torchvision's rounding: the shorter side exactly `size`, the other int().
