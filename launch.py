@@ -5,6 +5,11 @@ Train (running again on the same workdir resumes):
   python launch.py --config configs/tiny.py --workdir runs/tiny \
       --config.optim.epochs=20
 
+Sweep (every combination of a grid from one feature cache; synqt_jax/sweep.py):
+  python launch.py sweep --config configs/vtab1k.py:dtd --workdir runs/dtd \
+      --config.train.feature_cache=host --select_on val200 \
+      --grid 'synqt.token_nums=1,4,16' --grid 'optim.lr=1e-3,3e-3'
+
 Predict (top-k labels of image files):
   python launch.py predict --workdir runs/tiny image1.png image2.png
   python launch.py predict --export model.npz --checkpoint ViT-B_16.npz a.jpg
@@ -28,6 +33,7 @@ from ml_collections import config_flags
 from synqt_jax import config_fields
 from synqt_jax import errors
 from synqt_jax import predict as predict_lib
+from synqt_jax import sweep as sweep_lib
 from synqt_jax import train as train_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -42,6 +48,13 @@ _CHECKPOINT = flags.DEFINE_string(
     'predict: backbone checkpoint to use instead of the one the export names.')
 _TOP_K = flags.DEFINE_integer('top_k', 5, 'predict: labels shown per image.',
                              lower_bound=1)
+_GRID = flags.DEFINE_multi_string(
+    'grid', [], "sweep: 'field=v1,v2,...' (repeat per field); default: "
+    'config.sweep, else the reference\'s 24 (T x the three scales).')
+_SELECT_ON = flags.DEFINE_enum(
+    'select_on', 'test', sweep_lib.SELECT_ON,
+    'sweep: choose on the test evaluations (the reference\'s habit, '
+    'labelled so) or on a validation split, then retrain on train+val.')
 _MULTIHOST = flags.DEFINE_bool(
     'multihost', False,
     'Call jax.distributed.initialize() (cluster auto-detection).')
@@ -156,7 +169,7 @@ def quiet_orbax_info():
                       or orbax_dir not in record.pathname))
 
 
-def train(argv):
+def train(argv, sweep=False):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments {argv[1:]}; did you mean '
                          '`launch.py predict ...`?')
@@ -166,7 +179,11 @@ def train(argv):
   for override in config_flags.get_override_values(flags.FLAGS[_CONFIG.name]):
     if config_fields.deprecation(override):
       logging.warning(config_fields.deprecation(override))
-  train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if sweep:
+    sweep_lib.run(_CONFIG.value, _WORKDIR.value,
+                  sweep_lib.parse_grid(_GRID.value), _SELECT_ON.value)
+  else:
+    train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 def predict(image_paths):
@@ -188,6 +205,8 @@ def main(argv):
   try:
     if len(argv) > 1 and argv[1] == 'predict':
       predict(argv[2:])
+    elif len(argv) > 1 and argv[1] == 'sweep':
+      train(argv[1:], sweep=True)
     else:
       train(argv)
   except errors.UserError as e:

@@ -16,7 +16,8 @@ import ml_collections
 DATA_DEFAULTS = dict(source='tfds', task='cifar100', root=None, num_classes=None,
                      image_size=224,
                      normalization='imagenet', train_split='train800val200',
-                     test_split='test', val_split='val200')
+                     test_split='test', val_split='val200',
+                     augmentation='none')
 
 # The optimizer when `config.optim` names none (optax.adamw: PyTorch's AdamW).
 DEFAULT_OPTIMIZER = 'adamw'

@@ -104,6 +104,13 @@ def validate(config) -> None:
          lambda x: x == 'none' or registered.reads_cached_kv,
          f"'none' with method={method!r} (a feature cache serves {kv_methods} "
          'only)')
+  # A cache holds one fixed view per image; augmentation draws new ones.
+  _check(config, 'train.feature_cache',
+         lambda x: x == 'none' or
+         config.data.get('augmentation', 'none') == 'none',
+         f"'none' with data.augmentation={config.data.get('augmentation')!r} "
+         '(the cache holds one fixed view of each image; augmentation draws a '
+         "new crop every step), or set data.augmentation='none'")
   _check(config, 'train.deferred_eval',
          lambda x: not x or registered.reads_cached_kv,
          f'False with method={method!r} (deferred evaluation serves '

@@ -48,15 +48,29 @@ def evaluate(method, frozen, parameter_sets: Sequence[Any],
     normalization: the data config's normalization.
     num_threads: threads that decode images (default: one per core).
   """
-  image_kv, score = _pmapped(method)
-  replicated = [flax.jax_utils.replicate(p) for p in parameter_sets]
+  return evaluate_each([(method, p) for p in parameter_sets], frozen, source,
+                       global_batch, normalization=normalization,
+                       num_threads=num_threads)
+
+
+def evaluate_each(scored: Sequence[tuple[Any, Any]], frozen,
+                  source: input_pipeline.Source, global_batch: int, *,
+                  normalization: str, num_threads: int | None = None) -> Scores:
+  """`evaluate` of (method, trainable tree) pairs: methods on one backbone.
+
+  Each batch's K/V are computed once (by the first method: the image path
+  holds no trainable value and no method setting), then every pair's query
+  path scores them; e.g. a sweep's combinations of T and scales.
+  """
+  image_kv = _pmapped(scored[0][0])[0]
+  replicated = [(_pmapped(m)[1], flax.jax_utils.replicate(p)) for m, p in scored]
   counts = []
   for batch in input_pipeline.eval_batches(source, global_batch,
                                            normalization=normalization,
                                            num_threads=num_threads):
     kv = image_kv(frozen, batch['image'])
     counts.append([score(params, frozen, kv, batch['label'], batch['mask'])
-                   for params in replicated])
+                   for score, params in replicated])
   counts = jax.device_get(counts)  # One transfer at the end: no sync per batch.
   correct = tuple(int(sum(step[i]['correct'][0] for step in counts))
                   for i in range(len(replicated)))

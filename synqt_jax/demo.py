@@ -33,11 +33,20 @@ def prepare(config) -> None:
         classes=10, pre_logits=False, seed=demo.seed, scale=demo.scale))
   if not os.path.exists(config.data.root):
     task = tasks.get_task(config.data.task)
-    splits = {config.data.train_split: demo.train_examples,
+    # A VTAB task gets the whole NOAH set (sweep.py's held-out protocol reads
+    # train800 and val200); any other the configured training split.
+    train_split = 'train800val200' if task.is_vtab else config.data.train_split
+    splits = {train_split: demo.train_examples,
               config.data.test_split: demo.test_examples}
-    _write_atomically(config.data.root, lambda root: write_folder(
-        os.path.join(root, task.folder_names[0]), splits, task.num_classes,
-        config.data.image_size, demo.seed))
+
+    def write(root):
+      directory = os.path.join(root, task.folder_names[0])
+      write_folder(directory, splits, task.num_classes,
+                   config.data.image_size, demo.seed)
+      if task.is_vtab:
+        write_held_out_lists(directory)
+
+    _write_atomically(config.data.root, write)
 
 
 def _write_atomically(path, write):
@@ -90,3 +99,16 @@ def write_folder(directory, splits, num_classes, size, seed):
       lines.append(f'{name} {label}\n')
     with open(os.path.join(directory, f'{split}.txt'), 'w') as f:
       f.writelines(lines)
+
+
+def write_held_out_lists(directory, train_fraction=0.8):
+  """train800.txt and val200.txt: train800val200.txt's first 80% and the rest.
+
+  As in NOAH's VTAB-1k folders, train800val200 is their union (same images).
+  """
+  with open(os.path.join(directory, 'train800val200.txt')) as f:
+    lines = f.readlines()
+  cut = int(len(lines) * train_fraction)
+  for split, part in (('train800', lines[:cut]), ('val200', lines[cut:])):
+    with open(os.path.join(directory, f'{split}.txt'), 'w') as f:
+      f.writelines(part)

@@ -18,6 +18,9 @@ builds one):
   train_split: 'train800val200' (VTAB) or 'train' / 'train+val' (FGVC).
   test_split: 'test'.
   val_split: 'val200' (VTAB), 'val' (FGVC) or None.
+  augmentation: 'none' (the VTAB-1k recipe) or 'vpt' (VPT's FGVC recipe,
+    `CropFlipSource`: shorter side to 256/224 S, then a random S crop and a
+    horizontal flip for training, the centre S crop for evaluation).
 
 Images are resized once, with PIL bicubic straight to S x S (bit-identical to
 the reference's torchvision Resize((S, S)) on PIL images), kept as uint8, and
@@ -55,6 +58,9 @@ from synqt_jax import folders
 from synqt_jax import tasks
 
 SOURCES = ('tfds', 'folder')
+AUGMENTATIONS = ('none', 'vpt')
+# VPT's FGVC recipe at 224: Resize(256), then a 224 crop (its transforms.py).
+VPT_RESIZE_RATIO = 256 / 224
 NORMALIZATIONS = ('imagenet', 'inception')
 # data.normalization that the backbone's file decides (resolve_normalization).
 AUTO_NORMALIZATION = 'auto'
@@ -115,6 +121,10 @@ def validate_data_config(config) -> None:
   if not (n is None or isinstance(n, int) and not isinstance(n, bool) and n > 0):
     raise DataConfigError(f'data.num_classes={n!r}; expected None (from the task '
                           'or the data) or a positive int.')
+  augmentation = config.get('augmentation', 'none')
+  if augmentation not in AUGMENTATIONS:
+    raise DataConfigError(f'data.augmentation={augmentation!r}; expected one '
+                          f'of {AUGMENTATIONS}.')
   splits = {'train_split': field('train_split'),
             'test_split': field('test_split'),
             'val_split': getattr(config, 'val_split', None)}
@@ -143,6 +153,29 @@ def resize(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
   if isinstance(image, np.ndarray):
     image = Image.fromarray(_rgb(image))
   return np.asarray(folders.to_rgb(image).resize((size, size), Image.BICUBIC))
+
+
+def resize_shorter_side(image: Image.Image | np.ndarray, size: int
+                        ) -> np.ndarray:
+  """uint8 [size, size, 3]: PIL bilinear, shorter side to `size`, centre square.
+
+  torchvision's Resize(size) (VPT's FGVC recipe) keeps the aspect ratio; the
+  centre square of that image is kept, so the random crops of
+  `CropFlipSource` range over it (VPT's range over the whole longer side) and
+  its centre crops are VPT's CenterCrop (to a pixel where the longer side's
+  margin is odd).
+  """
+  if isinstance(image, np.ndarray):
+    image = Image.fromarray(_rgb(image))
+  image = folders.to_rgb(image)
+  width, height = image.size
+  scale = size / min(width, height)
+  # torchvision's rounding: the shorter side exactly `size`, the other int().
+  new = ((size, int(height * scale)) if width <= height
+         else (int(width * scale), size))
+  image = np.asarray(image.resize(new, Image.BILINEAR))
+  top, left = (image.shape[0] - size) // 2, (image.shape[1] - size) // 2
+  return image[top:top + size, left:left + size]
 
 
 def normalize(images: np.ndarray, normalization: str) -> np.ndarray:
@@ -275,9 +308,11 @@ class FolderSource(Source):
   """A checked prepared-folder split, decoded and resized on access."""
 
   def __init__(self, task: tasks.Task, split: str,
-               folder_split: folders.FolderSplit, image_size: int):
+               folder_split: folders.FolderSplit, image_size: int,
+               resize_fn=resize):
     super().__init__(f'{task.name}:{split}', task.num_classes, image_size)
     self._split = folder_split
+    self._resize = resize_fn
 
   def __len__(self) -> int:
     return len(self._split)
@@ -288,15 +323,16 @@ class FolderSource(Source):
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
     image = folders.load_image(self._split.paths[index],
                                self._split.origins[index])
-    return resize(image, self.image_size), int(self._split.labels[index])
+    return self._resize(image, self.image_size), int(self._split.labels[index])
 
 
 class TfdsSource(Source):
   """A TFDS random-access split with the task's image and label functions."""
 
   def __init__(self, task: tasks.Task, split: str, data_source,
-               image_size: int):
+               image_size: int, resize_fn=resize):
     super().__init__(f'{task.name}:{split}', task.num_classes, image_size)
+    self._resize = resize_fn
     self._task = task
     self._data_source = data_source
     self._origin = f'TFDS {task.tfds_name} split {task.tfds_splits[split]!r}'
@@ -308,7 +344,7 @@ class TfdsSource(Source):
     example = self._data_source[int(index)]
     label = tasks.check_label(self._task.label_fn(example), self.num_classes,
                               f'{self._origin} example {index}')
-    return resize(self._task.image_fn(example), self.image_size), label
+    return self._resize(self._task.image_fn(example), self.image_size), label
 
 
 def _task(config) -> tasks.Task:
@@ -382,14 +418,63 @@ def load_source(config, split: str, *, in_memory: bool = False) -> Source:
   """
   validate_data_config(config)
   task = task_of(config)
+  augmented = config.get('augmentation', 'none') == 'vpt'
+  size, resize_fn = ((round(config.image_size * VPT_RESIZE_RATIO),
+                      resize_shorter_side) if augmented
+                     else (config.image_size, resize))
   if config.source == 'folder':
     source = FolderSource(task, split,
                           folders.read_split(config.root, task, split),
-                          config.image_size)
+                          size, resize_fn)
   else:
     data_source = _tfds_data_source(task, split, config.root)
-    source = TfdsSource(task, split, data_source, config.image_size)
-  return cache_in_memory(source) if in_memory else source
+    source = TfdsSource(task, split, data_source, size, resize_fn)
+  source = cache_in_memory(source) if in_memory else source
+  return CropFlipSource(source, config.image_size) if augmented else source
+
+
+class CropFlipSource(Source):
+  """VPT's FGVC views of a source of R x R images, at S x S (S < R).
+
+  Indexing gives the centre crop (evaluation, and any fixed view);
+  `augmented(index, rng)` a random crop, flipped left-right with probability
+  1/2 (training: `train_batches` draws `rng` from (seed, step, example)).
+  """
+
+  def __init__(self, source: Source, image_size: int):
+    super().__init__(source.name, source.num_classes, image_size)
+    self._source = source
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+    image, label = self._source[index]
+    start = (image.shape[0] - self.image_size) // 2
+    return self._crop(image, start, start), label
+
+  def augmented(self, index: int, rng: np.random.Generator
+                ) -> tuple[np.ndarray, int]:
+    image, label = self._source[index]
+    top, left = rng.integers(0, image.shape[0] - self.image_size + 1, 2)
+    crop = self._crop(image, top, left)
+    return (crop[:, ::-1] if rng.random() < 0.5 else crop), label
+
+  def _crop(self, image, top, left):
+    return image[top:top + self.image_size, left:left + self.image_size]
+
+
+def training_view(source: Source, seed: int, step: int):
+  """index -> (image, label) of training step `step`: augmented if `source` is.
+
+  An augmented example's view is drawn from default_rng([seed, step, index]):
+  a function of the step and the example alone, so resuming at any step
+  yields the same views, on any number of hosts.
+  """
+  if not isinstance(source, CropFlipSource):
+    return source.__getitem__
+  return lambda index: source.augmented(
+      index, np.random.default_rng([seed, step, int(index)]))
 
 
 def cache_in_memory(source: Source, num_threads: int | None = None
@@ -507,8 +592,8 @@ def train_batches(source: Source, global_batch: int, *, seed: int,
     raise ValueError(f'seed={seed!r}; expected an int >= 0.')
   steps = (itertools.count(start_step) if num_steps is None
            else range(start_step, start_step + num_steps))
-  stream = (train_indices(len(source), global_batch, seed, step)
-            for step in steps)
+  stream = ((train_indices(len(source), global_batch, seed, step),
+             training_view(source, seed, step)) for step in steps)
   return _batches(source, global_batch, stream, normalization, process_index,
                   process_count, local_device_count, prefetch, num_threads)
 
@@ -527,7 +612,7 @@ def eval_batches(source: Source, global_batch: int, *,
   every example exactly once. Arguments and batches as for `train_batches`;
   there are steps_per_epoch(len(source), global_batch) of them.
   """
-  stream = (eval_indices(len(source), global_batch, step)
+  stream = ((eval_indices(len(source), global_batch, step), source.__getitem__)
             for step in range(steps_per_epoch(len(source), global_batch)))
   return _batches(source, global_batch, stream, normalization, process_index,
                   process_count, local_device_count, prefetch, num_threads)
@@ -535,7 +620,10 @@ def eval_batches(source: Source, global_batch: int, *,
 
 def _batches(source, global_batch, index_stream, normalization, process_index,
              process_count, local_device_count, prefetch, num_threads):
-  """Checks the layout now, then assembles this host's batches lazily."""
+  """Checks the layout now, then assembles this host's batches lazily.
+
+  `index_stream` yields (global batch indices, index -> example) per step.
+  """
   layout = HostLayout.of(global_batch, process_index, process_count,
                          local_device_count)
   _check_normalization(normalization)
@@ -544,9 +632,10 @@ def _batches(source, global_batch, index_stream, normalization, process_index,
 
   def host_batches():
     with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
-      for indices in index_stream:
-        yield _host_batch(source, indices[layout.host_rows], layout,
-                          normalization, pool)
+      for indices, examples in index_stream:
+        yield _host_batch(examples, source.image_size,
+                          indices[layout.host_rows], layout, normalization,
+                          pool)
 
   return prefetched(host_batches(), prefetch)
 
@@ -585,13 +674,12 @@ class HostLayout:
             for k, v in arrays.items()}
 
 
-def _host_batch(source, indices, layout, normalization, pool):
-  size = source.image_size
+def _host_batch(examples, size, indices, layout, normalization, pool):
+  """`examples`: index -> (uint8 [size, size, 3] image, label)."""
   images = np.zeros((len(indices), size, size, 3), np.uint8)
   labels = np.zeros(len(indices), np.int32)
   rows = np.flatnonzero(indices >= 0)
-  for row, (image, label) in zip(rows, pool.map(source.__getitem__,
-                                                indices[rows])):
+  for row, (image, label) in zip(rows, pool.map(examples, indices[rows])):
     images[row], labels[row] = image, label
   return layout.per_device({'image': normalize(images, normalization),
                             'label': labels,

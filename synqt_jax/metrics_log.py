@@ -84,20 +84,23 @@ class StepMetrics:
 
   `write` fetches them with `fetch` (one device's copy as host arrays),
   writes one line per step with its epoch, adds the images per second since
-  the last write to the last line, and moves the progress bar. Each step's
-  scalars are handed to `check(step, scalars)` first (the trainer's guard
-  against a diverged run: it raises before a non-finite line is written).
+  the last write to the last line, and moves the progress bar (`desc`; None:
+  no bar, e.g. for all but one member of a sweep). Each step's scalars are
+  handed to `check(step, scalars)` first (the trainer's guard against a
+  diverged run: it raises before a non-finite line is written).
   """
 
   def __init__(self, log: MetricsLog, fetch, *, start_step: int,
                total_steps: int, steps_per_epoch: int, batch_size: int,
-               check=lambda step, scalars: None):
+               check=lambda step, scalars: None,
+               desc: str | None = 'Training'):
     self._log, self._fetch, self._check = log, fetch, check
     self._steps_per_epoch, self._batch_size = steps_per_epoch, batch_size
     self._pending = []  # (steps done, device metrics)
     self._window_start = time.perf_counter()
     self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step',
-                          disable=jax.process_index() != 0, desc='Training')
+                          disable=jax.process_index() != 0 or desc is None,
+                          desc=desc)
 
   def add(self, step: int, device_metrics) -> None:
     """Holds the metrics of the step that made `step` updates."""

@@ -105,7 +105,7 @@ def prepare_run(config, workdir):
   workdir_lib.check_identity(workdir, config)
   if config.prepare:
     config_fields.function(config.prepare)(config)
-  _write_json(workdir_lib.as_path(workdir) / 'config.json',
+  write_json(workdir_lib.as_path(workdir) / 'config.json',
               config_fields.without_aliases(config.to_dict()))
 
 
@@ -218,33 +218,45 @@ def logits_of(method, params, frozen, batch, train, rngs=None):
   return method.apply(params, frozen, batch['image'], train=train, rngs=rngs)
 
 
-def train_step(state, frozen, batch, learning_rate_fn):
-  """One optimizer update on the global batch (run under pmap, axis 'batch').
+def gradients(method, params, rng, step, frozen, batch):
+  """(loss, gradients) of the global batch (run under pmap, axis 'batch').
 
   The loss is the mean cross-entropy over the real (mask 1) examples of the
   global batch, and so is the gradient, whatever the device count. Each device
   draws its own dropout and drop-path keys, fold_in(fold_in(rng, step),
-  device index).
+  device index). `train_step` applies them; a sweep (sweep.py) vmaps this over
+  stacked parameters, keys and steps.
   """
-  device_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
+  device_rng = jax.random.fold_in(jax.random.fold_in(rng, step),
                                   jax.lax.axis_index(AXIS))
   dropout_rng, drop_path_rng = jax.random.split(device_rng)
   rngs = {'dropout': dropout_rng, 'drop_path': drop_path_rng}
   global_count = jax.lax.psum(batch['mask'].sum(), AXIS)
 
   def loss_fn(params):
-    logits = logits_of(state.method, params, frozen, batch, True, rngs)
+    logits = logits_of(method, params, frozen, batch, True, rngs)
     losses = optax.softmax_cross_entropy_with_integer_labels(
         logits.astype(jnp.float32), batch['label'])
     return jnp.sum(batch['mask'] * losses) / global_count
 
-  local_loss, local_grads = jax.value_and_grad(loss_fn)(state.params)
+  local_loss, local_grads = jax.value_and_grad(loss_fn)(params)
   # One all-reduce for the whole gradient, not one per tensor.
   local_flat, unflatten = jax.flatten_util.ravel_pytree(local_grads)
   loss, flat_grads = jax.lax.psum((local_loss, local_flat), AXIS)
-  grads = unflatten(flat_grads)
+  return loss, unflatten(flat_grads)
+
+
+def apply_update(state, loss, grads, learning_rate_fn):
+  """(state after the optimizer's update with `grads`, the step's metrics)."""
   metrics = {'loss': loss, 'learning_rate': learning_rate_fn(state.step)}
   return state.apply_gradients(grads=grads), metrics
+
+
+def train_step(state, frozen, batch, learning_rate_fn):
+  """One optimizer update on the global batch (run under pmap, axis 'batch')."""
+  loss, grads = gradients(state.method, state.params, state.rng, state.step,
+                          frozen, batch)
+  return apply_update(state, loss, grads, learning_rate_fn)
 
 
 def eval_step(method, params, frozen, batch):
@@ -258,13 +270,13 @@ def eval_step(method, params, frozen, batch):
 # --- Batch source: online, or from a feature cache. ---
 
 def open_train_batches(config, workdir, method, frozen, p_frozen, data,
-                       start_step):
+                       start_step, cache=None):
   """The training batches from `start_step` on: online, or cached K/V.
 
-  With `train.feature_cache` the training split's image-path K/V are built
-  (or reused) in <workdir>/feature_cache/ first (a local directory for a
-  remote workdir: workdir.local_directory); `frozen` is the host copy of
-  the frozen parameters, `p_frozen` the replicated one.
+  With `train.feature_cache` the batches come from `cache`, or from the one
+  `open_feature_cache` builds (or reuses) in <workdir>/feature_cache/ (a
+  local directory for a remote workdir: workdir.local_directory); `frozen` is
+  the host copy of the frozen parameters, `p_frozen` the replicated one.
   """
   num_steps = data.total_steps - start_step
   if config.train.feature_cache == 'none':
@@ -272,6 +284,14 @@ def open_train_batches(config, workdir, method, frozen, p_frozen, data,
         data.train, config.optim.batch_size, seed=config.seed,
         normalization=config.data.normalization, start_step=start_step,
         num_steps=num_steps)
+  if cache is None:
+    cache = open_feature_cache(config, workdir, method, frozen, p_frozen, data)
+  return cache.batches(config.optim.batch_size, seed=config.seed,
+                       start_step=start_step, num_steps=num_steps)
+
+
+def open_feature_cache(config, workdir, method, frozen, p_frozen, data):
+  """The training split's K/V cache in <workdir>/feature_cache/, built or reused."""
   logging.info(
       "Feature cache '%s' (%s): stochastic depth on the image path is off "
       '(its K/V are computed once, without it); the query path keeps its '
@@ -288,8 +308,7 @@ def open_train_batches(config, workdir, method, frozen, p_frozen, data,
                              'feature_cache'),
       name='train', fingerprint=fingerprint)
   logging.info('Feature cache: %s.', cache.provenance)
-  return cache.batches(config.optim.batch_size, seed=config.seed,
-                       start_step=start_step, num_steps=num_steps)
+  return cache
 
 
 # --- Evaluators: immediate or deferred, over every evaluation split. ---
@@ -338,24 +357,33 @@ class Evaluator(abc.ABC):
     if self.deferred:
       logging.info('Deferred evaluation of %d parameter sets (steps %s).',
                    len(self.deferred), [p['step'] for p in self.deferred])
-      parameter_sets = [
-          self._kept[p['step']] if p['step'] in self._kept
-          else export.load(_kept_params_path(self._workdir, p['step']))[0]
-          for p in self.deferred]
-      scored = [dict(p) for p in self.deferred]
+      parameter_sets = self.deferred_parameters()
+      accuracies = {}  # split -> one accuracy per deferred point.
       for name, source in self._data.evaluation.items():
-        scores = deferred_eval.evaluate(
+        accuracies[name] = deferred_eval.evaluate(
             self._method, self._p_frozen, parameter_sets, source,
             self._config.eval_batch_size,
-            normalization=self._config.data.normalization)
-        for evaluation, accuracy in zip(scored, scores.accuracies):
-          evaluation[f'{name}_accuracy'] = accuracy
-      for evaluation in scored:
-        self._report(evaluation)
-      self.evaluations = sorted(self.evaluations + scored,
-                                key=lambda e: e['step'])
-      self._log.flush()
+            normalization=self._config.data.normalization).accuracies
+      self.record_deferred(accuracies)
     return self.evaluations
+
+  def deferred_parameters(self) -> list:
+    """The trainable parameters of each deferred point, in order."""
+    return [self._kept[p['step']] if p['step'] in self._kept
+            else export.load(_kept_params_path(self._workdir, p['step']))[0]
+            for p in self.deferred]
+
+  def record_deferred(self, accuracies: dict) -> None:
+    """Adds the deferred points' scores ({split: [accuracy per point]})."""
+    scored = [dict(p) for p in self.deferred]
+    for name, split_accuracies in accuracies.items():
+      for evaluation, accuracy in zip(scored, split_accuracies):
+        evaluation[f'{name}_accuracy'] = accuracy
+    for evaluation in scored:
+      self._report(evaluation)
+    self.evaluations = sorted(self.evaluations + scored,
+                              key=lambda e: e['step'])
+    self._log.flush()
 
 
 class ImmediateEvaluator(Evaluator):
@@ -467,18 +495,22 @@ class Checkpointing:
     if self._preemption is not None:
       self._preemption.restore()
 
-  def restore(self, state):
-    """(state, history): the newest checkpoint's, or `state` and no history."""
-    restored = self._checkpoints.restore_latest(state)
+  def restore(self, state, at_most=None):
+    """(state, history): the newest checkpoint's (at step <= `at_most` if
+    given), or `state` and no history."""
+    restored = self._checkpoints.restore_latest(state, at_most)
     if restored is None:
       return state, {}
     state, metadata = restored
     logging.info('Resuming from the checkpoint at step %d.', int(state.step))
     return state, metadata
 
-  def catch_sigterm(self):
-    """From here on a SIGTERM ends the run at the next step, saved."""
-    self._preemption = Preemption()
+  def catch_sigterm(self, preemption=None):
+    """From here on a SIGTERM ends the run at the next step, saved.
+
+    `preemption`: a `Preemption` to share (a sweep's members share one).
+    """
+    self._preemption = preemption or Preemption()
 
   def is_time(self, step) -> bool:
     """Whether to save after `step` (every host asks at every step)."""
@@ -522,7 +554,7 @@ def results_summary(config, evaluations, trainable_params):
   }
 
 
-def _write_json(path, data):
+def write_json(path, data):
   if jax.process_index() == 0:
     workdir_lib.write_json(path, data)
 
@@ -611,14 +643,18 @@ def run(config, workdir):
                         'Run again with the same workdir to resume.', step)
         return None
     evaluations = evaluator.finish()
+  return finish_run(config, workdir, evaluations, unreplicate(p_state.params),
+                    data.total_steps)
 
+
+def finish_run(config, workdir, evaluations, params, total_steps):
+  """Writes results.json and export.npz (the host `params`); returns the results."""
   results = results_summary(config, evaluations,
-                            methods.trainable_count(state.params))
-  _write_json(workdir_lib.as_path(workdir) / 'results.json', results)
+                            methods.trainable_count(params))
+  write_json(workdir_lib.as_path(workdir) / 'results.json', results)
   if jax.process_index() == 0:
-    export.save(workdir_lib.as_path(workdir) / 'export.npz',
-                unreplicate(p_state.params),
-                export.metadata(config, step=data.total_steps,
+    export.save(workdir_lib.as_path(workdir) / 'export.npz', params,
+                export.metadata(config, step=total_steps,
                                 test_accuracy=results['test_accuracy']))
   logging.info('Test accuracy %.4f after %d epochs (best of evaluations, '
                'selected on the test set: %.4f).', results['test_accuracy'],

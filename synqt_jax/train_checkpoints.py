@@ -63,7 +63,7 @@ class TrainCheckpoints:
     """The step of the newest checkpoint saved (None: none yet)."""
     return self._manager.latest_step()
 
-  def restore_latest(self, target):
+  def restore_latest(self, target, at_most=None):
     """(state, metadata) of the newest checkpoint that restores intact, or None.
 
     Newer checkpoints that do not are deleted (training saves those steps
@@ -72,11 +72,20 @@ class TrainCheckpoints:
 
     Args:
       target: a tree with the structure, shapes and dtypes of the state.
+      at_most: if given, the checkpoints after this step are deleted first
+        (training will save them again), e.g. to restore every member of a
+        sweep at the same step.
 
     Raises:
       NoUsableCheckpointError: there are checkpoints, but none restores.
     """
     steps = sorted(self._manager.all_steps(), reverse=True)
+    if at_most is not None:
+      for later in [s for s in steps if s > at_most]:
+        logging.info('Deleting the checkpoint at step %d (after step %d).',
+                     later, at_most)
+        self._manager.delete(later)
+      steps = [s for s in steps if s <= at_most]
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     for i, step in enumerate(steps):
       try:
