@@ -30,6 +30,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from synqt_jax import compilation_cache
 from synqt_jax import config_fields
 from synqt_jax import errors
 from synqt_jax import predict as predict_lib
@@ -55,6 +56,11 @@ _SELECT_ON = flags.DEFINE_enum(
     'select_on', 'test', sweep_lib.SELECT_ON,
     'sweep: choose on the test evaluations (the reference\'s habit, '
     'labelled so) or on a validation split, then retrain on train+val.')
+_COMPILATION_CACHE = flags.DEFINE_string(
+    'compilation_cache', None,
+    'Directory of JAX\'s persistent compilation cache, so that a second run or '
+    f'a resume compiles nothing; default ${compilation_cache.DIR_VARIABLE} or '
+    f'{compilation_cache.DEFAULT_DIR}; --compilation_cache= turns it off.')
 _MULTIHOST = flags.DEFINE_bool(
     'multihost', False,
     'Call jax.distributed.initialize() (cluster auto-detection).')
@@ -176,6 +182,9 @@ def train(argv, sweep=False):
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError('Training needs --config and --workdir.')
   initialize_distributed()
+  cache_dir = compilation_cache.directory(_COMPILATION_CACHE.value)
+  compilation_cache.enable(cache_dir)
+  compiles = compilation_cache.CompileCount()
   for override in config_flags.get_override_values(flags.FLAGS[_CONFIG.name]):
     if config_fields.deprecation(override):
       logging.warning(config_fields.deprecation(override))
@@ -184,6 +193,7 @@ def train(argv, sweep=False):
                   sweep_lib.parse_grid(_GRID.value), _SELECT_ON.value)
   else:
     train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  logging.info(compiles.summary(cache_dir))
 
 
 def predict(image_paths):

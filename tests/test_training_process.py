@@ -1,0 +1,77 @@
+"""What a `launch.py` training process loads: no TensorFlow; compiled programs from JAX's persistent cache.
+
+Two runs of configs/tiny.py on folder data with TensorBoard on, sharing one
+fresh compilation cache: the first compiles and fills it, the second compiles
+nothing.
+"""
+import glob
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing import event_file_loader
+from tensorboard.util import tensor_util
+
+from training_runs import launch_command
+from training_runs import launch_env
+from training_runs import read_log
+from training_runs import read_metrics
+
+# Runs launch.py as __main__, then says whether TensorFlow was imported.
+WITH_TENSORFLOW_CHECK = (
+    'import runpy, sys\n'
+    'sys.argv = sys.argv[1:]\n'
+    'try:\n'
+    '  runpy.run_path(sys.argv[0], run_name="__main__")\n'
+    'finally:\n'
+    '  print("tensorflow imported:", "tensorflow" in sys.modules)\n')
+SHORT = {'optim.epochs': 2, 'eval_every_epochs': 2, 'tensorboard': True}
+
+
+def launch(workdir, cache):
+  os.makedirs(workdir)
+  command = launch_command(workdir, SHORT,
+                           extra_args=[f'--compilation_cache={cache}'])
+  env = launch_env(cache)
+  del env['JAX_COMPILATION_CACHE_DIR'], env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']
+  with open(workdir / 'launch.log', 'wb') as log:
+    process = subprocess.run(
+        [sys.executable, '-c', WITH_TENSORFLOW_CHECK, *command[1:]],
+        env=env, stdout=log, stderr=subprocess.STDOUT, timeout=300)
+  assert process.returncode == 0, read_log(workdir)
+  return read_log(workdir, tail=None)
+
+
+@pytest.fixture(scope='module')
+def two_runs(tmp_path_factory):
+  cache = tmp_path_factory.mktemp('xla_cache')
+  first, second = (tmp_path_factory.mktemp(name) / 'run'
+                   for name in ('first', 'second'))
+  return first, launch(first, cache), second, launch(second, cache)
+
+
+def test_training_does_not_import_tensorflow(two_runs):
+  _, first_log, _, second_log = two_runs
+  assert 'tensorflow imported: False' in first_log
+  assert 'tensorflow imported: False' in second_log
+
+
+def test_tensorboard_events_hold_the_logged_losses(two_runs):
+  workdir, *_ = two_runs
+  losses = {m['step']: m['loss'] for m in read_metrics(workdir) if 'loss' in m}
+  [events] = glob.glob(str(workdir / 'events.out.tfevents.*'))
+  logged = {event.step: float(tensor_util.make_ndarray(value.tensor))
+            for event in event_file_loader.EventFileLoader(events).Load()
+            for value in event.summary.value if value.tag == 'loss'}
+  assert sorted(logged) == sorted(losses) == list(range(1, 15))
+  np.testing.assert_allclose([logged[s] for s in losses], list(losses.values()),
+                             rtol=1e-6)
+
+
+def test_second_run_compiles_nothing(two_runs):
+  _, first_log, _, second_log = two_runs
+  assert '; 0 loaded from the persistent compilation cache' in first_log
+  assert 'XLA compiled 0 programs (0.0 s);' in second_log
+  assert 'XLA compiled 0 programs' not in first_log
