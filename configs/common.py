@@ -49,11 +49,13 @@ def get_config():
       batch_size=64, epochs=50, warmup_epochs=10, min_lr=1e-6))
 
   # feature_cache: 'none' (online), or the training split's image-path K/V
-  # computed once and kept in 'host' RAM, on 'disk' (memory-mapped) or on
-  # 'device' (sharded), in cache_dtype ('float32' exact, 'bfloat16' half the
-  # memory); kept in <workdir>/feature_cache/ and reused while its fingerprint
-  # matches. Stochastic depth on the image path is then off (the query path
-  # keeps synqt.drop_path). SynQT only.
+  # computed once, in cache_dtype ('float32' exact, 'bfloat16' half the
+  # memory), and held in 'host' RAM only (nothing written to disk; rebuilt on
+  # resume), or written to <workdir>/feature_cache/ and reused by later runs
+  # while its fingerprint matches: memory-mapped from there ('disk', for sets
+  # larger than RAM) or sharded over the accelerators ('device'). Stochastic
+  # depth on the image path is then off (the query path keeps
+  # synqt.drop_path). SynQT only.
   # deferred_eval: keep the trainable parameters of each evaluation point and
   # score them all at the end with one backbone pass (SynQT only).
   config.train = ml_collections.ConfigDict(dict(

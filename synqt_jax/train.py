@@ -274,9 +274,8 @@ def open_train_batches(config, workdir, method, frozen, p_frozen, data,
   """The training batches from `start_step` on: online, or cached K/V.
 
   With `train.feature_cache` the batches come from `cache`, or from the one
-  `open_feature_cache` builds (or reuses) in <workdir>/feature_cache/ (a
-  local directory for a remote workdir: workdir.local_directory); `frozen` is
-  the host copy of the frozen parameters, `p_frozen` the replicated one.
+  `open_feature_cache` builds; `frozen` is the host copy of the frozen
+  parameters, `p_frozen` the replicated one.
   """
   num_steps = data.total_steps - start_step
   if config.train.feature_cache == 'none':
@@ -291,22 +290,25 @@ def open_train_batches(config, workdir, method, frozen, p_frozen, data,
 
 
 def open_feature_cache(config, workdir, method, frozen, p_frozen, data):
-  """The training split's K/V cache in <workdir>/feature_cache/, built or reused."""
+  """The training split's K/V cache: in host RAM only ('host'), or built or reused
+  in <workdir>/feature_cache/ ('disk', 'device'; a local directory for a remote
+  workdir: workdir.local_directory)."""
   logging.info(
       "Feature cache '%s' (%s): stochastic depth on the image path is off "
       '(its K/V are computed once, without it); the query path keeps its '
       'drop path (config.%s.drop_path) as configured.',
       config.train.feature_cache, config.train.cache_dtype, config.method)
-  fingerprint = feature_cache.fingerprint(
-      backbone_digest=feature_cache.backbone_digest(frozen), vit=method.vit,
-      data_config=config.data, split=config.data.train_split)
+  kept = config.train.feature_cache != 'host'
   cache = feature_cache.build(
       method, p_frozen, data.train, normalization=config.data.normalization,
       mode=config.train.feature_cache, storage_dtype=config.train.cache_dtype,
       batch_size=config.eval_batch_size,
-      directory=os.path.join(workdir_lib.local_directory(workdir),
-                             'feature_cache'),
-      name='train', fingerprint=fingerprint)
+      directory=(os.path.join(workdir_lib.local_directory(workdir),
+                              'feature_cache') if kept else None),
+      name='train', fingerprint=feature_cache.fingerprint(
+          backbone_digest=feature_cache.backbone_digest(frozen),
+          vit=method.vit, data_config=config.data,
+          split=config.data.train_split) if kept else None)
   logging.info('Feature cache: %s.', cache.provenance)
   return cache
 
