@@ -65,12 +65,15 @@ def initial_state(method, frozen, abstract=True):
   return jax.eval_shape(create, frozen) if abstract else jax.jit(create)(frozen)
 
 
-def method_inputs(name, vit, batch_size, num_classes=NUM_CLASSES, abstract=True):
+def method_inputs(name, vit, batch_size, num_classes=NUM_CLASSES, abstract=True,
+                  config=None):
   """`(state, frozen, batch)` for `train.train_step`, each with a leading device axis.
 
-  Full fine-tuning holds the backbone once, in its trainable state.
+  Full fine-tuning holds the backbone once, in its trainable state. The
+  method's options come from `config` (default: configs/common.py's).
   """
-  method = methods.create(name, vit, num_classes, common_config.get_config())
+  method = methods.create(name, vit, num_classes,
+                          config or common_config.get_config())
   backbone = backbone_shapes(vit) if abstract else random_backbone(vit)
   frozen = {'backbone': backbone}
   state = initial_state(method, frozen, abstract)
@@ -107,9 +110,9 @@ def pmapped_train_step():
                   devices=jax.local_devices()[:1])
 
 
-def compiled_step(name, vit, batch_size, abstract=True):
+def compiled_step(name, vit, batch_size, abstract=True, config=None):
   """The compiled pmapped train step of method `name` and its inputs."""
-  inputs = method_inputs(name, vit, batch_size, abstract=abstract)
+  inputs = method_inputs(name, vit, batch_size, abstract=abstract, config=config)
   return pmapped_train_step().lower(*inputs).compile(), inputs
 
 

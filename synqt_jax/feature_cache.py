@@ -202,14 +202,14 @@ class HostFeatureCache(FeatureCache):
     return self.kv.nbytes
 
   def _kv(self, indices, rows, layout):
-    kv = _aligned_empty((len(rows),) + self.kv.shape[1:], self.kv.dtype)
+    kv = aligned_empty((len(rows),) + self.kv.shape[1:], self.kv.dtype)
     # 'wrap' reads row -1 (padding) as row n, and copies straight into `kv`:
     # the default mode ('raise') buffers the whole batch first (2.3x slower).
     np.take(self.kv, rows, axis=0, out=kv, mode='wrap')
     return layout.per_device({'kv': kv})['kv']
 
 
-def _aligned_empty(shape, dtype, alignment=64):
+def aligned_empty(shape, dtype, alignment=64):
   """An uninitialised array starting on a 64-byte boundary.
 
   XLA:CPU takes such an array as it is; any other it copies first, which for a

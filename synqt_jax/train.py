@@ -181,15 +181,23 @@ def create_train_state(method, frozen, optimizer, seed, image_size):
 def replicate(tree):
   """A copy of `tree` on every local device, laid out as pmap's own outputs.
 
+  Each device's copy is put straight from the host array: no host array of
+  all the copies stacked, and on a CPU device an aligned host array becomes
+  the device buffer itself (one copy of the backbone, not three).
   (flax.jax_utils.replicate names its mesh axis differently from the pmapped
   axis, which makes pmap compile a second time on the second step.)
   """
   devices = jax.local_devices()
   sharding = jax.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)),
                                jax.P(AXIS))
-  return jax.tree.map(
-      lambda x: jax.device_put(np.stack([np.asarray(x)] * len(devices)),
-                               sharding), tree)
+
+  def put(x):
+    one = np.asarray(x)[None]
+    return jax.make_array_from_single_device_arrays(
+        (len(devices),) + one.shape[1:], sharding,
+        [jax.device_put(one, device) for device in devices])
+
+  return jax.tree.map(put, tree)
 
 
 def unreplicate(tree):

@@ -18,6 +18,7 @@ import pytest
 
 from synqt_jax import demo
 from synqt_jax import export
+from synqt_jax import feature_cache
 from synqt_jax import input_pipeline
 from synqt_jax import methods
 from synqt_jax import predict
@@ -128,6 +129,17 @@ def test_loss_is_the_mean_over_real_examples_and_padding_is_ignored(
   want = optax.softmax_cross_entropy_with_integer_labels(logits, labels[:5])
   np.testing.assert_allclose(metrics['loss'][0], want.mean(), rtol=1e-6)
   jax.tree.map(np.testing.assert_array_equal, *updated)
+
+
+def test_replicate_puts_the_host_array_itself_on_a_cpu_device():
+  """One copy of the frozen weights: no stacked host copy, no device copy."""
+  host = feature_cache.aligned_empty((1024, 1024), np.float32)
+  host[:] = np.arange(1 << 20).reshape(1024, 1024)
+  replicated = train.replicate({'w': host})['w']
+  [shard] = replicated.addressable_shards
+  assert replicated.shape == (1, 1024, 1024)
+  assert shard.data.unsafe_buffer_pointer() == host.ctypes.data
+  np.testing.assert_array_equal(train.unreplicate({'w': replicated})['w'], host)
 
 
 def assert_params_close(ours, want):

@@ -1,0 +1,238 @@
+"""This project's train step beside the PyTorch reference's: memory, speed, compile time.
+
+  python -m benchmarks.vs_reference --reference /path/to/SynQT \
+      --json benchmarks/results/vs_reference.json [--batch_sizes 16,64]
+
+ViT-B/16 at 224 with random weights, T = 4, train mode, AdamW, 100 classes, on
+this machine's CPU. Every point is a fresh process, the implementations
+alternating at each batch size: the reference (benchmarks/reference_step.py
+importing the reference's own synqt.py, from a fetched copy of the public
+repository GitHub taolinzhang/SynQT), then this project's `train.train_step`
+(the trainer's pmapped step) in each image-path memory mode. Per point:
+images per second (median step after a warm-up step), seconds to compile,
+and the peak resident memory of the whole process (ru_maxrss). A last run
+repeats keep_kv at the first batch size with the persistent compilation
+cache the first one filled: it compiles nothing.
+
+--reference: the reference's checkout (or its synqt.py). Its train step runs
+in a venv made at <checkout>/venv on first use (torch 2.x CPU, timm 0.4.12 as
+the reference used, and a stand-in for torchvision, which timm 0.4.12 imports
+and the train step never calls), or in --reference_python. Without a usable
+reference only this project is measured, and the table says why.
+"""
+import itertools
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+
+from benchmarks import common
+from configs import common as common_config
+from synqt_jax import compilation_cache
+from synqt_jax import random_vit
+
+_REFERENCE = flags.DEFINE_string(
+    'reference', None, "The reference's checkout (holding synqt.py) or its synqt.py.")
+_REFERENCE_PYTHON = flags.DEFINE_string(
+    'reference_python', None,
+    'A Python with torch 2.x and timm 0.4.12; default: <checkout>/venv, made if absent.')
+_BATCH_SIZES = flags.DEFINE_string('batch_sizes', '16,64', 'Comma-separated.')
+_TOKENS = flags.DEFINE_integer('tokens', 4, 'SynQT queries per layer (T).')
+_STEPS = flags.DEFINE_integer('steps', 3, 'Timed steps per point.')
+_JSON = flags.DEFINE_string('json', None, 'Write the table here.')
+_WORKER = flags.DEFINE_string('worker', None, 'Internal: BATCH:MEMORY, one point.')
+_CACHE = flags.DEFINE_string('cache', None, 'Internal: the compilation cache.')
+
+MEMORY_MODES = ('keep_kv', 'recompute')
+REFERENCE_STEP = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                              'reference_step.py')
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# timm 0.4.12 imports torchvision's transforms when it is imported; the train
+# step uses none of them.
+TORCHVISION_STAND_IN = '''"""Stand-in for torchvision: any attribute is a placeholder."""
+import sys
+import types
+
+
+class Placeholder:
+  def __init__(self, *args, **kwargs):
+    pass
+
+
+def __getattr__(name):
+  return Placeholder
+
+
+transforms = types.ModuleType('torchvision.transforms')
+transforms.__getattr__ = __getattr__
+transforms.functional = types.ModuleType('torchvision.transforms.functional')
+transforms.functional.__getattr__ = __getattr__
+sys.modules.update({'torchvision.transforms': transforms,
+                    'torchvision.transforms.functional': transforms.functional})
+'''
+
+
+def our_point(batch_size, memory, tokens, steps, cache):
+  """One point of this project, in this (fresh) process."""
+  compilation_cache.enable(cache)
+  compiles = compilation_cache.CompileCount()
+  config = common_config.get_config()
+  config.synqt.token_nums = tokens
+  config.synqt.image_path_memory = memory
+  inputs = common.method_inputs('synqt', common.VIT_B16, batch_size,
+                                abstract=False, config=config)
+  rss_inputs = peak_rss_mb()
+  start = time.perf_counter()
+  compiled = common.pmapped_train_step().lower(*inputs).compile()
+  compile_s = time.perf_counter() - start
+  rss_compiled = peak_rss_mb()
+  state, frozen, batch = inputs
+  times = common.step_seconds(compiled, state, frozen, itertools.repeat(batch),
+                              steps)
+  step = sorted(times)[len(times) // 2]
+  analysis = compiled.memory_analysis()
+  return {'implementation': f'synqt_jax {memory}', 'batch': batch_size,
+          'tokens': tokens, 'step_s': step, 'img_per_s': batch_size / step,
+          'compile_s': compile_s, 'programs_compiled': compiles.compiled,
+          'programs_from_cache': compiles.hits, 'peak_rss_mb': peak_rss_mb(),
+          'peak_rss_before_compile_mb': rss_inputs,
+          'peak_rss_after_compile_mb': rss_compiled,
+          'xla_argument_mb': analysis.argument_size_in_bytes / 2**20,
+          'xla_temp_mb': analysis.temp_size_in_bytes / 2**20}
+
+
+def peak_rss_mb():
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB.
+
+
+def run_point(command, env=None):
+  """The JSON line a fresh process prints, or {'error': why}."""
+  out = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
+                       env=env)
+  if out.returncode:
+    return {'error': f'exit {out.returncode}: {out.stderr.strip()[-600:]}'}
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def ours(batch_size, memory, cache):
+  point = run_point([sys.executable, '-m', 'benchmarks.vs_reference',
+                     f'--worker={batch_size}:{memory}', f'--cache={cache}',
+                     f'--tokens={_TOKENS.value}', f'--steps={_STEPS.value}'])
+  return {'implementation': f'synqt_jax {memory}', 'batch': batch_size, **point}
+
+
+def reference_setup(directory):
+  """(python, synqt.py, PYTHONPATH) of the reference, or (None, None, why not)."""
+  if directory is None:
+    return None, None, 'no --reference given'
+  synqt_py = (directory if os.path.isfile(directory)
+              else os.path.join(directory, 'synqt.py'))
+  if not os.path.isfile(synqt_py):
+    return None, None, f'{synqt_py} does not exist'
+  home = os.path.dirname(os.path.abspath(synqt_py))
+  python = _REFERENCE_PYTHON.value or os.path.join(home, 'venv', 'bin', 'python')
+  if not os.path.exists(python):
+    try:
+      make_reference_venv(os.path.dirname(os.path.dirname(python)))
+    except (OSError, subprocess.CalledProcessError) as e:
+      return None, None, f'could not make the reference venv ({e})'
+  stand_in = os.path.join(home, 'torchvision_stand_in')
+  os.makedirs(os.path.join(stand_in, 'torchvision'), exist_ok=True)
+  with open(os.path.join(stand_in, 'torchvision', '__init__.py'), 'w') as f:
+    f.write(TORCHVISION_STAND_IN)
+  return python, synqt_py, stand_in
+
+
+def make_reference_venv(venv):
+  print(f'Making the reference venv {venv} (torch 2.x CPU, timm 0.4.12)...',
+        flush=True)
+  subprocess.run([sys.executable, '-m', 'venv', venv], check=True)
+  pip = [os.path.join(venv, 'bin', 'python'), '-m', 'pip', 'install', '-q']
+  subprocess.run(pip + ['torch>=2,<3', '--index-url',
+                        'https://download.pytorch.org/whl/cpu'], check=True)
+  subprocess.run(pip + ['--no-deps', 'timm==0.4.12'], check=True)
+  subprocess.run(pip + ['numpy'], check=True)
+
+
+def reference(python, synqt_py, stand_in, backbone, batch_size):
+  env = {**os.environ, 'PYTHONPATH': stand_in}
+  point = run_point([python, REFERENCE_STEP, synqt_py, backbone,
+                     f'--batch={batch_size}', f'--tokens={_TOKENS.value}',
+                     f'--steps={_STEPS.value}', f'--threads={os.cpu_count()}'],
+                    env)
+  return {'implementation': 'reference', 'batch': batch_size, **point}
+
+
+def with_ratios(points):
+  """Each of our points with its ratios to the reference at its batch size."""
+  for point in points:
+    base = [p for p in points if p['implementation'] == 'reference'
+            and p['batch'] == point['batch'] and 'error' not in p]
+    if base and 'error' not in point and point is not base[0]:
+      point['peak_rss_vs_reference'] = point['peak_rss_mb'] / base[0]['peak_rss_mb']
+      point['img_per_s_vs_reference'] = point['img_per_s'] / base[0]['img_per_s']
+  return points
+
+
+def print_table(points):
+  print(f'{"implementation":>20} {"batch":>5} {"img/s":>7} {"peak RSS MB":>11} '
+        f'{"compile s":>9} {"RSS ratio":>9} {"speed ratio":>11}')
+  for p in points:
+    if 'error' in p:
+      print(f'{p["implementation"]:>20} {p["batch"]:>5} {p["error"][:200]}')
+      continue
+    ratio = lambda k: f'{p[k]:.2f}' if k in p else ''
+    compile_s = '' if p.get('compile_s') is None else f'{p["compile_s"]:.1f}'
+    print(f'{p["implementation"]:>20} {p["batch"]:>5} {p["img_per_s"]:>7.2f} '
+          f'{p["peak_rss_mb"]:>11.0f} {compile_s:>9} '
+          f'{ratio("peak_rss_vs_reference"):>9} '
+          f'{ratio("img_per_s_vs_reference"):>11}')
+
+
+def main(argv):
+  del argv
+  if _WORKER.value:
+    batch_size, memory = _WORKER.value.split(':')
+    print(json.dumps(our_point(int(batch_size), memory, _TOKENS.value,
+                               _STEPS.value, _CACHE.value)))
+    return
+  python, synqt_py, stand_in = reference_setup(_REFERENCE.value)
+  if python is None:
+    print(f'Reference not measured: {stand_in}. Measuring this project only.')
+  batch_sizes = common.parse_ints(_BATCH_SIZES.value)
+  points = []
+  with tempfile.TemporaryDirectory() as scratch:
+    cache = os.path.join(scratch, 'xla')
+    backbone = os.path.join(scratch, 'vit_b16.npz')
+    if python is not None:
+      random_vit.write(backbone)  # Official layout, as timm loads it.
+    for batch_size in batch_sizes:
+      if python is not None:
+        points.append(reference(python, synqt_py, stand_in, backbone, batch_size))
+        print_table(points[-1:])
+      for memory in MEMORY_MODES:
+        points.append(ours(batch_size, memory, cache))
+        print_table(points[-1:])
+    warm = ours(batch_sizes[0], MEMORY_MODES[0], cache)
+  warm['implementation'] += ' (warm cache)'
+  points = with_ratios(points + [warm])
+  print(common.backend_description())
+  print_table(points)
+  if _JSON.value:
+    common.write_json(_JSON.value, {
+        'setup': {**common.backend_description(), 'model': 'ViT-B/16',
+                  'image_size': 224, 'tokens': _TOKENS.value,
+                  'steps': _STEPS.value, 'cpu_count': os.cpu_count(),
+                  'reference': ('measured' if python is not None
+                                else f'not measured: {stand_in}')},
+        'points': points})
+
+
+if __name__ == '__main__':
+  app.run(main)
