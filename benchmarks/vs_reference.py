@@ -66,6 +66,8 @@ class Placeholder:
 
 
 def __getattr__(name):
+  if name.startswith('__'):
+    raise AttributeError(name)
   return Placeholder
 
 
@@ -206,7 +208,21 @@ def main(argv):
   if python is None:
     print(f'Reference not measured: {stand_in}. Measuring this project only.')
   batch_sizes = common.parse_ints(_BATCH_SIZES.value)
+  setup = {**common.backend_description(), 'model': 'ViT-B/16',
+           'image_size': 224, 'tokens': _TOKENS.value, 'steps': _STEPS.value,
+           'cpu_count': os.cpu_count(),
+           'reference': ('measured' if python is not None
+                         else f'not measured: {stand_in}')}
   points = []
+
+  def add(point):
+    """Prints the point; the JSON so far is written after each (a long run)."""
+    points.append(point)
+    print_table(points[-1:])
+    if _JSON.value:
+      common.write_json(_JSON.value, {'setup': setup,
+                                      'points': with_ratios(points)})
+
   with tempfile.TemporaryDirectory() as scratch:
     cache = os.path.join(scratch, 'xla')
     backbone = os.path.join(scratch, 'vit_b16.npz')
@@ -214,24 +230,14 @@ def main(argv):
       random_vit.write(backbone)  # Official layout, as timm loads it.
     for batch_size in batch_sizes:
       if python is not None:
-        points.append(reference(python, synqt_py, stand_in, backbone, batch_size))
-        print_table(points[-1:])
+        add(reference(python, synqt_py, stand_in, backbone, batch_size))
       for memory in MEMORY_MODES:
-        points.append(ours(batch_size, memory, cache))
-        print_table(points[-1:])
+        add(ours(batch_size, memory, cache))
     warm = ours(batch_sizes[0], MEMORY_MODES[0], cache)
-  warm['implementation'] += ' (warm cache)'
-  points = with_ratios(points + [warm])
-  print(common.backend_description())
+    warm['implementation'] += ' (warm cache)'
+    add(warm)
+  print(setup)
   print_table(points)
-  if _JSON.value:
-    common.write_json(_JSON.value, {
-        'setup': {**common.backend_description(), 'model': 'ViT-B/16',
-                  'image_size': 224, 'tokens': _TOKENS.value,
-                  'steps': _STEPS.value, 'cpu_count': os.cpu_count(),
-                  'reference': ('measured' if python is not None
-                                else f'not measured: {stand_in}')},
-        'points': points})
 
 
 if __name__ == '__main__':
