@@ -182,8 +182,8 @@ def replicate(tree):
   """A copy of `tree` on every local device, laid out as pmap's own outputs.
 
   Each device's copy is put straight from the host array: no host array of
-  all the copies stacked, and on a CPU device an aligned host array becomes
-  the device buffer itself (one copy of the backbone, not three).
+  all the copies stacked, and on a CPU device a 64-byte aligned host array
+  becomes the device buffer itself.
   (flax.jax_utils.replicate names its mesh axis differently from the pmapped
   axis, which makes pmap compile a second time on the second step.)
   """
