@@ -14,6 +14,7 @@ import pytest
 from tensorboard.backend.event_processing import event_file_loader
 from tensorboard.util import tensor_util
 
+from synqt_jax import compilation_cache
 from training_runs import launch_command
 from training_runs import launch_env
 from training_runs import read_log
@@ -75,3 +76,14 @@ def test_second_run_compiles_nothing(two_runs):
   assert '; 0 loaded from the persistent compilation cache' in first_log
   assert 'XLA compiled 0 programs (0.0 s);' in second_log
   assert 'XLA compiled 0 programs' not in first_log
+
+
+def test_cache_directory_flag_env_default_and_off(monkeypatch):
+  monkeypatch.delenv(compilation_cache.DIR_VARIABLE, raising=False)
+  monkeypatch.setenv('HOME', '/home/someone')
+  assert (compilation_cache.directory(None)
+          == '/home/someone/.cache/synqt_jax/xla')
+  monkeypatch.setenv(compilation_cache.DIR_VARIABLE, '/env/cache')
+  assert compilation_cache.directory(None) == '/env/cache'
+  assert compilation_cache.directory('/flag/cache') == '/flag/cache'
+  assert compilation_cache.directory('') is None
