@@ -298,9 +298,12 @@ def open_train_batches(config, workdir, method, frozen, p_frozen, data,
 
 
 def open_feature_cache(config, workdir, method, frozen, p_frozen, data):
-  """The training split's K/V cache: in host RAM only ('host'), or built or reused
-  in <workdir>/feature_cache/ ('disk', 'device'; a local directory for a remote
-  workdir: workdir.local_directory)."""
+  """The training split's K/V cache, in host RAM only or kept in the workdir.
+
+  'host': built in memory, nothing written; 'disk', 'device': built or reused
+  in <workdir>/feature_cache/ (a local directory for a remote workdir:
+  workdir.local_directory).
+  """
   logging.info(
       "Feature cache '%s' (%s): stochastic depth on the image path is off "
       '(its K/V are computed once, without it); the query path keeps its '
