@@ -23,7 +23,7 @@ setup(
         'absl-py>=1.4',      # launch.py flags (--config file.py:arg), as big_vision
         'tqdm>=4.66',        # progress bars for downloads, cache builds, training
         'Pillow>=10.0',      # bicubic resize identical to the reference's torchvision/PIL
-        'tensorboardX>=2.6', # TensorBoard event files without TensorFlow
+        'tensorboardX>=2.6.1',  # TensorBoard events without TensorFlow (2.6's protos need protobuf<4)
         'tensorboard>=2.19', # the viewer: tensorboard --logdir <workdir>
         'matplotlib>=3.9',   # benchmark plots, notebook figures (3.8 shows no first inline figure)
         'safetensors>=0.4',  # convert.py: timm / Hugging Face .safetensors (numpy API)
