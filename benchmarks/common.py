@@ -5,6 +5,7 @@ AdamW, so a figure here is a figure of a real run. `abstract=True` builds it fro
 shapes alone (`jax.ShapeDtypeStruct`), enough for XLA's memory and cost analyses
 of ViT-B/16 without allocating its weights.
 """
+import argparse
 import dataclasses
 import functools
 import json
@@ -31,6 +32,16 @@ STEPS_PER_EPOCH = 16  # 1000 VTAB-1k training images in batches of 64.
 
 def parse_ints(text):
   return [int(x) for x in text.split(',') if x]
+
+
+def recipe_parser(doc):
+  """A benchmark's parser with the VTAB-1k recipe it projects onto (cache, sweep)."""
+  parser = argparse.ArgumentParser(description=doc.split('\n')[0])
+  parser.add_argument('--train-images', type=int, default=1000)
+  parser.add_argument('--epochs', type=int, default=50)
+  parser.add_argument('--evaluations', type=int, default=5)
+  parser.add_argument('--test-images', type=int, default=10_000)
+  return parser
 
 
 def learning_rate_schedule():

@@ -18,7 +18,6 @@ JSON. Runs in about 15-30 minutes on 2 CPU cores.
   python -m benchmarks.feature_cache --json benchmarks/results/feature_cache.json \
       [--tokens 1,4,16] [--online-steps 2] [--cached-steps 4] [--memory-tokens 4]
 """
-import argparse
 import dataclasses
 import itertools
 import json
@@ -43,7 +42,7 @@ TARGETS = {'train_speedup': {4: 8.0, 16: 3.0}, 'with_eval_speedup': {4: 5.0},
 
 
 def parse_args():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = common.recipe_parser(__doc__)
   parser.add_argument('--tokens', default='1,4,16',
                       help='T values, comma-separated.')
   parser.add_argument('--online-steps', type=int, default=1,
@@ -52,10 +51,6 @@ def parse_args():
                       help='Timed cached steps per T (after one warm-up).')
   parser.add_argument('--memory-tokens', type=int, default=4,
                       help='T at which the memory modes are compared; 0: skip.')
-  parser.add_argument('--train-images', type=int, default=1000)
-  parser.add_argument('--epochs', type=int, default=50)
-  parser.add_argument('--evaluations', type=int, default=5)
-  parser.add_argument('--test-images', type=int, default=10_000)
   parser.add_argument('--json', default='benchmarks/results/feature_cache.json')
   args = parser.parse_args()
   if args.memory_tokens and str(args.memory_tokens) not in args.tokens.split(','):

@@ -27,7 +27,6 @@ their evaluations; target <= 3.5). Runs in about 20 minutes on 2 CPU cores.
   python -m benchmarks.sweep --json benchmarks/results/sweep.json \
       [--stacks 1,2,4,8] [--steps 1]
 """
-import argparse
 import functools
 import itertools
 import os
@@ -53,15 +52,11 @@ TARGET_RATIO = 3.5
 
 
 def parse_args():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = common.recipe_parser(__doc__)
   parser.add_argument('--stacks', default='1,2,4,8',
                       help='Stacked combinations timed at T=4.')
   parser.add_argument('--steps', type=int, default=1,
                       help='Timed steps per point (after one warm-up).')
-  parser.add_argument('--train-images', type=int, default=1000)
-  parser.add_argument('--epochs', type=int, default=50)
-  parser.add_argument('--evaluations', type=int, default=5)
-  parser.add_argument('--test-images', type=int, default=10_000)
   parser.add_argument('--json', default='benchmarks/results/sweep.json')
   return parser.parse_args()
 
