@@ -1,6 +1,6 @@
 """Shared fixtures: tiny random ViT checkpoints and an independent NumPy ViT.
 
-Also starts test_parity.py's background job (the ViT-B/16 parity runs, ~2 minutes
+Also starts test_parity.py's background job (the parity runs: ViT-B/16 and the small cases, ~4 minutes
 of mostly single-threaded compilation) right after collection when a selected test
 needs it, so that it overlaps the other tests; see test_parity.py.
 """
