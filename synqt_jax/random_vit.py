@@ -32,18 +32,18 @@ def make(width=768, depth=12, heads=12, mlp=3072, patch=16, image=224,
         channels = resnet_width * 2 ** (len(resnet) - 1) * 4
         stride = 4 * 2 ** (len(resnet) - 1)
     tokens = (classifier == 'token') + (image // (patch * stride)) ** 2
-    w = {
-        **stem,
-        'embedding/kernel': n(patch, patch, channels, width),
-        'embedding/bias': n(width),
+    # Drawn in this order for every seed (the parity files depend on it).
+    w = {**stem, 'embedding/kernel': n(patch, patch, channels, width),
+         'embedding/bias': n(width)}
+    if classifier == 'token':
+        w['cls'] = n(1, 1, width)
+    w.update({
         'Transformer/posembed_input/pos_embedding': n(1, tokens, width),
         'Transformer/encoder_norm/scale': 1 + n(width),
         'Transformer/encoder_norm/bias': n(width),
         'head/kernel': n(width, classes),
         'head/bias': n(classes),
-    }
-    if classifier == 'token':
-        w['cls'] = n(1, 1, width)
+    })
     if pre_logits:
         w['pre_logits/kernel'] = n(width, width)
         w['pre_logits/bias'] = n(width)
