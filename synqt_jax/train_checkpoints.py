@@ -87,6 +87,9 @@ class TrainCheckpoints:
         self._manager.delete(later)
       steps = [s for s in steps if s <= at_most]
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    # Before the first attempt: a failed read's siblings can report while the
+    # exception is still on its way here.
+    _ignore_reads_after_a_failed_restore()
     for i, step in enumerate(steps):
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(
@@ -94,7 +97,6 @@ class TrainCheckpoints:
             metadata=ocp.args.JsonRestore()))
         problem = _problem(restored.state, restored.metadata, abstract)
       except Exception as e:  # pylint: disable=broad-except
-        _ignore_reads_after_a_failed_restore()
         problem = f'{type(e).__name__}: {e}'
       if problem is not None:
         logging.warning('Checkpoint at step %d cannot be restored (%s); '
