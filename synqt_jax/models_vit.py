@@ -195,6 +195,7 @@ class Encoder1DBlock(nn.Module):
 
 
 def branch_key(keys, branch):
+  """A block's stochastic-depth key of `branch` (0: attention, 1: MLP), or None."""
   return None if keys is None else keys[branch]
 
 
@@ -338,8 +339,8 @@ def drop_path_inputs(num_layers, rate, rng):
   """
   survival = np.array([1.0 - block_drop_rate(i, num_layers, rate)
                        for i in range(num_layers)], np.float32)
-  keys = None if rng is None else jnp.stack(
-      [jax.random.split(jax.random.fold_in(rng, i)) for i in range(num_layers)])
+  keys = None if rng is None else jax.vmap(  # One PRNG computation to compile, not L.
+      lambda i: jax.random.split(jax.random.fold_in(rng, i)))(jnp.arange(num_layers))
   return jnp.asarray(survival), keys
 
 
