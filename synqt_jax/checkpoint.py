@@ -52,11 +52,14 @@ LINEN_BLOCK_NAMES = {'MultiHeadDotProductAttention_0': 'MultiHeadDotProductAtten
 # Where big_vision keeps the position embedding (patches only, the class token
 # is concatenated after it is added); old big_vision put it in the encoder.
 BIG_VISION_POSEMBS = ('pos_embedding', 'Transformer/pos_embedding')
-SCANNED_BLOCKS = 'Transformer/encoderblock/'
-# A published file's block i, at any depth of a tree (`backbone/...` in a
-# full fine-tuning's trainable parameters).
-BLOCK_KEY = 'Transformer/encoderblock_{}/'
-BLOCK_PATTERN = re.compile(r'(|.*/)Transformer/encoderblock_(\d+)/(.*)')
+# What the parameter trees hold stacked on a leading layer axis, for the scans
+# over the layers (`Transformer/encoderblock/...`, as big_vision's `scan`), and
+# files as one key per layer (`Transformer/encoderblock_3/...`): the ViT's
+# blocks, and SynQT's per-layer modules. At any depth of a tree (`backbone/...`
+# in a full fine-tuning's trainable parameters).
+SCANNED_LAYERS = ('Transformer/encoderblock', 'synqt/prompt_ffn', 'synqt/qsm_block')
+LAYER_PATTERN = re.compile(
+    rf'(|.*/)({"|".join(SCANNED_LAYERS)})_(\d+)/(.*)')
 GROUP_NORM_PARAM = re.compile(r'(^|/)gn(_root|_proj|\d+)/(scale|bias)$')
 LAYOUTS = ('official vit_jax .npz, Linen-named, opt/target/ or big_vision params/ '
            '(ViT with a class token or gap, R50+ViT hybrid)')
@@ -208,37 +211,41 @@ def official_layout(flat, path='checkpoint'):
 
 
 def unscanned(flat):
-  """Blocks stacked on axis 0 (`.../Transformer/encoderblock/...`, big_vision's
-  `scan` layout and this package's parameter tree) as one key per block."""
+  """Layers stacked on axis 0 (`.../Transformer/encoderblock/...`, big_vision's
+  `scan` layout and this package's parameter trees) as one key per layer."""
   out = {}
   for k, v in flat.items():
-    prefix, scanned_blocks, rest = k.partition(SCANNED_BLOCKS)
-    if scanned_blocks and (not prefix or prefix.endswith('/')):
-      for i in range(v.shape[0]):
-        out[f'{prefix}{BLOCK_KEY.format(i)}{rest}'] = (
-            jax.ShapeDtypeStruct(v.shape[1:], v.dtype) if _is_shape(v) else v[i])
-    else:
+    m = re.fullmatch(rf'(|.*/)({"|".join(SCANNED_LAYERS)})/(.*)', k)
+    if m is None:
       out[k] = v
+      continue
+    prefix, name, rest = m.groups()
+    for i in range(v.shape[0]):
+      out[f'{prefix}{name}_{i}/{rest}'] = (
+          jax.ShapeDtypeStruct(v.shape[1:], v.dtype) if _is_shape(v) else v[i])
   return out
 
 
 def scanned(flat):
-  """The inverse of `unscanned`: one key per block -> blocks stacked on axis 0.
+  """The inverse of `unscanned`: one key per layer -> layers stacked on axis 0.
 
-  Stacked once, at load: the model scans over the stacked blocks (one block
+  Stacked once, at load: the model scans over the stacked layers (one layer
   to compile), and a stacking inside a step would copy them at every step.
   """
-  blocks, out = collections.defaultdict(dict), {}
+  layers, out = collections.defaultdict(dict), {}
   for k, v in flat.items():
-    if m := BLOCK_PATTERN.fullmatch(k):
-      blocks[m.group(1), m.group(3)][int(m.group(2))] = v
+    if m := LAYER_PATTERN.fullmatch(k):
+      prefix, name, i, rest = m.groups()
+      layers[prefix + name + '/' + rest][int(i)] = v
     else:
       out[k] = v
-  for (prefix, rest), by_index in blocks.items():
-    layers = [by_index[i] for i in sorted(by_index)]
-    out[prefix + SCANNED_BLOCKS + rest] = (
-        jax.ShapeDtypeStruct((len(layers),) + layers[0].shape, layers[0].dtype)
-        if _is_shape(layers[0]) else np.stack(layers))
+  for k, by_index in layers.items():
+    stack = [by_index[i] for i in sorted(by_index)]
+    if _is_shape(stack[0]):
+      out[k] = jax.ShapeDtypeStruct((len(stack),) + stack[0].shape, stack[0].dtype)
+    else:  # On the host for host arrays (a file), else where they are.
+      out[k] = (np.stack(stack) if all(isinstance(x, np.ndarray) for x in stack)
+                else jnp.stack(stack))
   return out
 
 

@@ -140,8 +140,9 @@ def prompt_adapter(config, dtype, **kwargs):
 class QuerySynthesis(nn.Module):
   """`synqt`: the learnable queries, their synthesis, and the feature combiner.
 
-  Layer i's modules keep the reference's names (`prompt_ffn_3`, `qsm_block_3`);
-  the query path stacks them (`layer_params`) to scan over the layers.
+  Layer i's modules are created under the reference's names (`prompt_ffn_3`,
+  `qsm_block_3`, `init_layers`) and held stacked (`prompt_ffn`, `qsm_block`:
+  `checkpoint.nest`), which the query path scans over.
   """
   config: SynQTConfig
   num_layers: int
@@ -168,13 +169,10 @@ class QuerySynthesis(nn.Module):
       qsm(ffn(z, True), True)
 
   def layer_params(self):
-    """(q, prompt_ffn, qsm_block), stacked on a layer axis to scan over (a
-    step's copy of these few trainable values)."""
+    """(q, prompt_ffn, qsm_block): every layer's, stacked on axis 0, to scan
+    over (`methods.SynQT.init` stacks what `init_layers` created)."""
     params = self.variables['params']
-    stacked = lambda name: jax.tree.map(
-        lambda *layers: jnp.stack(layers),
-        *[params[f'{name}_{i}'] for i in range(self.num_layers)])
-    return self.q, stacked('prompt_ffn'), stacked('qsm_block')
+    return self.q, params['prompt_ffn'], params['qsm_block']
 
   def layer_queries(self, params, previous, deterministic, rng):
     """Layer i's T queries (B, T, D), a pure function of its slice `params` of
