@@ -163,14 +163,9 @@ def optimizer_arguments(optim):
 
 def create_optimizer(optim, learning_rate_fn):
   """optax.<optim.name>(learning_rate_fn, ...); AdamW is PyTorch's AdamW
-  (decoupled weight decay on every trainable tensor).
-
-  Applied to all trainable values as one flat vector (`optax.flatten`): the
-  same elementwise update, compiled once rather than once per tensor (SynQT
-  has ~400).
-  """
+  (decoupled weight decay on every trainable tensor)."""
   name, kwargs = optimizer_arguments(optim)
-  return optax.flatten(getattr(optax, name)(learning_rate_fn, **kwargs))
+  return getattr(optax, name)(learning_rate_fn, **kwargs)
 
 
 def create_train_state(method, frozen, optimizer, seed, image_size):
