@@ -259,8 +259,7 @@ class SynQTModel(nn.Module):
 
   def _query_path(self, kv, split, train, with_attention=False):
     """`query_path` of K/V `kv` with the layers on axis 0; `split(kv[i])` is
-    block i's (K, V). (Scanned over, the K/V are what the backward pass reads;
-    sliced inside the scan, they would be saved for it a second time.)"""
+    block i's (K, V), in whichever layout `kv` has (no copy of all the K/V)."""
 
     def step(layer, block, query_drop, dropout_rng, previous, carry, kv):
       k, v = split(kv)
