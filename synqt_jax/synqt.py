@@ -371,7 +371,14 @@ class SynQTModel(nn.Module):
     return self.head(self.synqt.combine_features(features, not train))
 
   def __call__(self, images, train=False):
-    """= `logits_from_kv(image_kv(images))`, the K/V kept in their own layout."""
+    """= `logits_from_kv(image_kv(images))`, the K/V kept in their own layout.
+
+    `init` creates the parameters the scans read without running them: the
+    blocks (stacked) and each layer's modules (one by one, see QuerySynthesis).
+    """
+    if self.is_initializing():
+      self.backbone(images)
+      return self.init_trainable()
     kv = self._image_path(images, train)
     return self._logits(self._query_path(kv, lambda kv: (kv[0], kv[1]), train),
                         train)
