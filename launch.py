@@ -56,6 +56,10 @@ _SELECT_ON = flags.DEFINE_enum(
     'select_on', 'test', sweep_lib.SELECT_ON,
     'sweep: choose on the test evaluations (the reference\'s habit, '
     'labelled so) or on a validation split, then retrain on train+val.')
+_MAX_STACK = flags.DEFINE_integer(
+    'max_stack', sweep_lib.MAX_STACK,
+    'sweep: combinations trained together in one compiled step; fewer if '
+    'compiling runs out of host memory, more on a large host.', lower_bound=1)
 _COMPILATION_CACHE = flags.DEFINE_string(
     'compilation_cache', None,
     'Directory of JAX\'s persistent compilation cache, so that a second run or '
@@ -190,7 +194,8 @@ def train(argv, sweep=False):
       logging.warning(config_fields.deprecation(override))
   if sweep:
     sweep_lib.run(_CONFIG.value, _WORKDIR.value,
-                  sweep_lib.parse_grid(_GRID.value), _SELECT_ON.value)
+                  sweep_lib.parse_grid(_GRID.value), _SELECT_ON.value,
+                  _MAX_STACK.value)
   else:
     train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   logging.info(compiles.summary(cache_dir))

