@@ -1,4 +1,4 @@
-"""A Flax Vision Transformer whose parameter tree *is* Google's official `.npz` tree.
+"""A Flax Vision Transformer whose parameter tree is Google's `.npz` tree, blocks stacked.
 
 Every submodule is named after the checkpoint key it owns (`embedding`, `cls`,
 `Transformer/encoderblock_3/MultiHeadDotProductAttention_1/query`, ...), so loading
