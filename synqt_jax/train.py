@@ -669,7 +669,8 @@ def finish_run(config, workdir, evaluations, params, total_steps):
     export.save(workdir_lib.as_path(workdir) / 'export.npz', params,
                 export.metadata(config, step=total_steps,
                                 test_accuracy=results['test_accuracy']))
-  logging.info('Test accuracy %.4f after %d epochs (best of evaluations, '
-               'selected on the test set: %.4f).', results['test_accuracy'],
-               results['epoch'], results['best_of_evaluations']['test_accuracy'])
+  best = ('' if len(evaluations) == 1 else ' (best of evaluations, selected on '
+          f'the test set: {results["best_of_evaluations"]["test_accuracy"]:.4f})')
+  logging.info('Test accuracy %.4f after %d epochs%s.', results['test_accuracy'],
+               results['epoch'], best)
   return results
