@@ -42,6 +42,7 @@ from benchmarks import common
 from synqt_jax import checkpoint
 from synqt_jax import convert
 from synqt_jax import fashion_mnist
+from synqt_jax import sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 2 ** 20
@@ -52,6 +53,7 @@ EXPENSIVE = ('lora', 'full')
 DEFAULT_METHODS = ('linear,synqt1,synqt4,synqt16,synqt1_cache,synqt4_cache,'
                    'synqt16_cache,synqt_heldout,lora,full')
 HELD_OUT = 'synqt_heldout'
+HELD_OUT_SPLIT = 'val200'  # What synqt_heldout chooses T on (sweep.HELD_OUT).
 
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/real_transfer',
                                'Data, converted backbone and one run directory per run.')
@@ -109,7 +111,7 @@ class Method:
     """launch.py's arguments before --config: a held-out sweep, or a run."""
     if not self.held_out:
       return []
-    return ['sweep', '--select_on', 'val200',
+    return ['sweep', '--select_on', HELD_OUT_SPLIT,
             '--grid', f'synqt.token_nums={_HELDOUT_TOKENS.value}']
 
 
@@ -260,8 +262,15 @@ def main(argv):
   del argv
   workdir = _WORKDIR.value
   os.makedirs(workdir, exist_ok=True)
-  data, backbone, normalization = prepare(workdir)
   chosen = [Method.parse(name) for name in _METHODS.value.split(',') if name]
+  splits = (f'train{_TRAIN.value}', f'val{_VAL.value}')
+  if any(m.held_out for m in chosen) and splits != (
+      sweep.HELD_OUT[HELD_OUT_SPLIT][0], HELD_OUT_SPLIT):
+    raise app.UsageError(
+        f'{HELD_OUT} chooses on {HELD_OUT_SPLIT}, trained on '
+        f'{sweep.HELD_OUT[HELD_OUT_SPLIT][0]} (VTAB-1k): keep --train and --val '
+        f'at their defaults, or leave {HELD_OUT} out of --methods.')
+  data, backbone, normalization = prepare(workdir)
   runs, step_bytes = [], {}
   for method in chosen:
     step_bytes[method.name] = step_memory(method.method, backbone)

@@ -138,7 +138,7 @@ def project(m, args):
 
 def stack_sizes(max_stack):
   """The stacks a T group of PER_GROUP trains as (`sweep`'s chunking)."""
-  return [min(max_stack, PER_GROUP - i) for i in range(0, PER_GROUP, max_stack)]
+  return [len(stack) for stack in sweep.stacks(range(PER_GROUP), max_stack)]
 
 
 def print_table(results):

@@ -176,6 +176,11 @@ def group_key(config, grid) -> str:
   return json.dumps(shared, sort_keys=True)
 
 
+def stacks(members, max_stack):
+  """A group's `members`, in order, as stacks of at most `max_stack`."""
+  return [members[i:i + max_stack] for i in range(0, len(members), max_stack)]
+
+
 # --- One training step for a group. ---
 
 def stacked_train_step(states, frozen, batch, learning_rate_fns):
@@ -360,8 +365,8 @@ def _train_members(config, workdir, grid, evaluation_splits, max_stack):
   groups = {}
   for member in members:
     groups.setdefault(group_key(member.config, grid), []).append(member)
-  groups = [group[i:i + max_stack] for group in groups.values()
-            for i in range(0, len(group), max_stack)]
+  groups = [stack for group in groups.values()
+            for stack in stacks(group, max_stack)]
   logging.info('Sweep: %d combinations in %d stacked groups (%s).',
                len(members), len(groups), [len(g) for g in groups])
   p_frozen = train.replicate(frozen)
