@@ -19,6 +19,10 @@ in a venv made at <checkout>/venv on first use (torch 2.x CPU, timm 0.4.12 as
 the reference used, and a stand-in for torchvision, which timm 0.4.12 imports
 and the train step never calls), or in --reference_python. Without a usable
 reference only this project is measured, and the table says why.
+
+--compile_only: only this project's first compile of each point (on the
+parameters' shapes, in a fresh process without the persistent cache) and XLA's
+memory analysis of the compiled step; nothing runs.
 """
 import itertools
 import json
@@ -46,6 +50,8 @@ _BATCH_SIZES = flags.DEFINE_string('batch_sizes', '16,64', 'Comma-separated.')
 _TOKENS = flags.DEFINE_integer('tokens', 4, 'SynQT queries per layer (T).')
 _STEPS = flags.DEFINE_integer('steps', 3, 'Timed steps per point.')
 _JSON = flags.DEFINE_string('json', None, 'Write the table here.')
+_COMPILE_ONLY = flags.DEFINE_bool(
+    'compile_only', False, 'Only compile each of our points (see the docstring).')
 _WORKER = flags.DEFINE_string('worker', None, 'Internal: BATCH:MEMORY, one point.')
 _CACHE = flags.DEFINE_string('cache', None, 'Internal: the compilation cache.')
 
@@ -82,31 +88,34 @@ sys.modules.update({'torchvision.transforms': transforms,
 
 def our_point(batch_size, memory, tokens, steps, cache):
   """One point of this project, in this (fresh) process."""
-  compilation_cache.enable(cache)
+  compilation_cache.enable(cache or None)  # '': no persistent cache.
   compiles = compilation_cache.CompileCount()
   config = common_config.get_config()
   config.synqt.token_nums = tokens
   config.synqt.image_path_memory = memory
   inputs = common.method_inputs('synqt', common.VIT_B16, batch_size,
-                                abstract=False, config=config)
+                                abstract=_COMPILE_ONLY.value, config=config)
   rss_inputs = peak_rss_mb()
   start = time.perf_counter()
   compiled = common.pmapped_train_step().lower(*inputs).compile()
   compile_s = time.perf_counter() - start
   rss_compiled = peak_rss_mb()
+  analysis = compiled.memory_analysis()
+  point = {'implementation': f'synqt_jax {memory}', 'batch': batch_size,
+           'tokens': tokens, 'compile_s': compile_s,
+           'programs_compiled': compiles.compiled,
+           'programs_from_cache': compiles.hits,
+           'xla_argument_mb': analysis.argument_size_in_bytes / 2**20,
+           'xla_temp_mb': analysis.temp_size_in_bytes / 2**20}
+  if _COMPILE_ONLY.value:
+    return point
   state, frozen, batch = inputs
   times = common.step_seconds(compiled, state, frozen, itertools.repeat(batch),
                               steps)
   step = sorted(times)[len(times) // 2]
-  analysis = compiled.memory_analysis()
-  return {'implementation': f'synqt_jax {memory}', 'batch': batch_size,
-          'tokens': tokens, 'step_s': step, 'img_per_s': batch_size / step,
-          'compile_s': compile_s, 'programs_compiled': compiles.compiled,
-          'programs_from_cache': compiles.hits, 'peak_rss_mb': peak_rss_mb(),
-          'peak_rss_before_compile_mb': rss_inputs,
-          'peak_rss_after_compile_mb': rss_compiled,
-          'xla_argument_mb': analysis.argument_size_in_bytes / 2**20,
-          'xla_temp_mb': analysis.temp_size_in_bytes / 2**20}
+  return {**point, 'step_s': step, 'img_per_s': batch_size / step,
+          'peak_rss_mb': peak_rss_mb(), 'peak_rss_before_compile_mb': rss_inputs,
+          'peak_rss_after_compile_mb': rss_compiled}
 
 
 def peak_rss_mb():
@@ -124,8 +133,9 @@ def run_point(command, env=None):
 
 def ours(batch_size, memory, cache):
   point = run_point([sys.executable, '-m', 'benchmarks.vs_reference',
-                     f'--worker={batch_size}:{memory}', f'--cache={cache}',
-                     f'--tokens={_TOKENS.value}', f'--steps={_STEPS.value}'])
+                     f'--worker={batch_size}:{memory}', f'--cache={cache or ""}',
+                     f'--tokens={_TOKENS.value}', f'--steps={_STEPS.value}',
+                     f'--compile_only={_COMPILE_ONLY.value}'])
   return {'implementation': f'synqt_jax {memory}', 'batch': batch_size, **point}
 
 
@@ -197,12 +207,34 @@ def print_table(points):
           f'{ratio("img_per_s_vs_reference"):>11}')
 
 
+def print_compile_table(points):
+  print(f'{"implementation":>20} {"batch":>5} {"compile s":>9} {"XLA temp MB":>11}')
+  for p in points:
+    print(f'{p["implementation"]:>20} {p["batch"]:>5} '
+          + (p['error'][:200] if 'error' in p else
+             f'{p["compile_s"]:>9.1f} {p["xla_temp_mb"]:>11.0f}'))
+
+
+def compile_only():
+  """`--compile_only`: each point's first compile, nothing cached, nothing run."""
+  points = [ours(batch_size, memory, None)
+            for batch_size in common.parse_ints(_BATCH_SIZES.value)
+            for memory in MEMORY_MODES]
+  if _JSON.value:
+    common.write_json(_JSON.value, {'setup': common.backend_description(),
+                                    'points': points})
+  print_compile_table(points)
+
+
 def main(argv):
   del argv
   if _WORKER.value:
     batch_size, memory = _WORKER.value.split(':')
     print(json.dumps(our_point(int(batch_size), memory, _TOKENS.value,
                                _STEPS.value, _CACHE.value)))
+    return
+  if _COMPILE_ONLY.value:
+    compile_only()
     return
   python, synqt_py, stand_in = reference_setup(_REFERENCE.value)
   if python is None:

@@ -17,7 +17,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from synqt_jax import checkpoint
 from synqt_jax import models_vit
 from synqt_jax import synqt
 
@@ -30,9 +29,7 @@ def _pooled_features(vit, images, drop_rate, rng):
 
   Stochastic depth on block i uses rate `i * drop_rate / (L - 1)`, as timm.
   """
-  x = vit.tokens(images)
-  for i, block in enumerate(vit.blocks):
-    x = block(x, *models_vit.block_drop_path(i, len(vit.blocks), drop_rate, rng))
+  x = vit.Transformer.blocks(vit.tokens(images), drop_rate, rng)
   return vit.pool(vit.Transformer.encoder_norm(x))
 
 
@@ -98,14 +95,20 @@ def merge_lora(backbone, lora, scale):
   """A copy of `backbone` whose adapted kernels are W + scale * a @ b.
 
   `lora` is `{'encoderblock_i': {'query': {'a': (D, r), 'b': (r, H, D/H)}, ...}}`;
-  `a @ b` is (D, H, D/H), the checkpoint's query/key/value kernel layout.
+  `a @ b` is (D, H, D/H), the checkpoint's query/key/value kernel layout. The
+  backbone holds the blocks stacked (`checkpoint.nest`), so the updates are
+  stacked too (a copy of the small `a`, `b` only).
   """
-  flat = checkpoint.flatten(backbone)
-  for block, projections in lora.items():
-    for name, p in projections.items():
-      key = f'Transformer/{block}/MultiHeadDotProductAttention_1/{name}/kernel'
-      flat[key] = flat[key] + scale * jnp.einsum('dr,rhk->dhk', p['a'], p['b'])
-  return checkpoint.nest(flat)
+  blocks = backbone['Transformer']['encoderblock']
+  attention = dict(blocks['MultiHeadDotProductAttention_1'])
+  for name in LORA_TARGETS:
+    a, b = (jnp.stack([lora[f'encoderblock_{i}'][name][factor]
+                       for i in range(len(lora))]) for factor in ('a', 'b'))
+    kernel = attention[name]['kernel']
+    attention[name] = {**attention[name],
+                       'kernel': kernel + scale * jnp.einsum('ldr,lrhk->ldhk', a, b)}
+  blocks = {**blocks, 'MultiHeadDotProductAttention_1': attention}
+  return {**backbone, 'Transformer': {**backbone['Transformer'], 'encoderblock': blocks}}
 
 
 @dataclasses.dataclass(frozen=True)

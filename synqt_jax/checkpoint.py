@@ -52,7 +52,14 @@ LINEN_BLOCK_NAMES = {'MultiHeadDotProductAttention_0': 'MultiHeadDotProductAtten
 # Where big_vision keeps the position embedding (patches only, the class token
 # is concatenated after it is added); old big_vision put it in the encoder.
 BIG_VISION_POSEMBS = ('pos_embedding', 'Transformer/pos_embedding')
-SCANNED_BLOCKS = 'Transformer/encoderblock/'
+# What the parameter trees hold stacked on a leading layer axis, for the scans
+# over the layers (`Transformer/encoderblock/...`, as big_vision's `scan`), and
+# files as one key per layer (`Transformer/encoderblock_3/...`): the ViT's
+# blocks, and SynQT's per-layer modules. At any depth of a tree (`backbone/...`
+# in a full fine-tuning's trainable parameters).
+SCANNED_LAYERS = ('Transformer/encoderblock', 'synqt/prompt_ffn', 'synqt/qsm_block')
+LAYER_PATTERN = re.compile(
+    rf'(|.*/)({"|".join(SCANNED_LAYERS)})_(\d+)/(.*)')
 GROUP_NORM_PARAM = re.compile(r'(^|/)gn(_root|_proj|\d+)/(scale|bias)$')
 LAYOUTS = ('official vit_jax .npz, Linen-named, opt/target/ or big_vision params/ '
            '(ViT with a class token or gap, R50+ViT hybrid)')
@@ -189,7 +196,7 @@ def official_layout(flat, path='checkpoint'):
     raise CheckpointError(
         f'{path!r} is a big_vision ViT with a MAP head (pool_type="map"); SynQT '
         f'reads ViTs with a class token or "gap" pooling. Use one of those.')
-  flat = _unscanned(flat)
+  flat = unscanned(flat)
   if any(re.match(r'Transformer/encoderblock_\d+/MultiHeadDotProductAttention_0/', k)
          for k in flat):
     flat = {_official_block_name(k): v for k, v in flat.items()}
@@ -203,14 +210,48 @@ def official_layout(flat, path='checkpoint'):
           for k, v in flat.items()}
 
 
-def _unscanned(flat):
-  """big_vision's `scan` layout (blocks stacked on axis 0) as one key per block."""
-  out = {k: v for k, v in flat.items() if not k.startswith(SCANNED_BLOCKS)}
+def unscanned(flat):
+  """Layers stacked on axis 0 (`.../Transformer/encoderblock/...`, big_vision's
+  `scan` layout and this package's parameter trees) as one key per layer."""
+  out = {}
   for k, v in flat.items():
-    if k.startswith(SCANNED_BLOCKS):
-      for i, block in enumerate(v):
-        out[f'Transformer/encoderblock_{i}/{k[len(SCANNED_BLOCKS):]}'] = block
+    m = re.fullmatch(rf'(|.*/)({"|".join(SCANNED_LAYERS)})/(.*)', k)
+    if m is None:
+      out[k] = v
+      continue
+    prefix, name, rest = m.groups()
+    for i in range(v.shape[0]):
+      out[f'{prefix}{name}_{i}/{rest}'] = (
+          jax.ShapeDtypeStruct(v.shape[1:], v.dtype) if _is_shape(v) else v[i])
   return out
+
+
+def scanned(flat):
+  """The inverse of `unscanned`: one key per layer -> layers stacked on axis 0.
+
+  Stacked once, at load: the model scans over the stacked layers (one layer
+  to compile), and a stacking inside a step would copy them at every step.
+  """
+  layers, out = collections.defaultdict(dict), {}
+  for k, v in flat.items():
+    if m := LAYER_PATTERN.fullmatch(k):
+      prefix, name, i, rest = m.groups()
+      layers[prefix + name + '/' + rest][int(i)] = v
+    else:
+      out[k] = v
+  for k, by_index in layers.items():
+    stack = [by_index[i] for i in sorted(by_index)]
+    if _is_shape(stack[0]):
+      out[k] = jax.ShapeDtypeStruct((len(stack),) + stack[0].shape, stack[0].dtype)
+    else:  # On the host for host arrays (a file), else where they are.
+      out[k] = (np.stack(stack) if all(isinstance(x, np.ndarray) for x in stack)
+                else jnp.stack(stack))
+  return out
+
+
+def _is_shape(x):
+  """Whether `x` is a shape only (benchmarks and checks lay out shapes, too)."""
+  return isinstance(x, jax.ShapeDtypeStruct)
 
 
 def _official_block_name(key):
@@ -279,22 +320,32 @@ def vit_config(flat, path='checkpoint', image_size=None, **overrides):
 
 
 def nest(flat):
-  """`{'a/b/c': x}` -> `{'a': {'b': {'c': x}}}`, the Flax parameter tree."""
+  """`{'a/b/c': x}` (the file's names) -> `{'a': {'b': {'c': x}}}`, the Flax tree.
+
+  The tree holds the blocks stacked (`scanned`), as `VisionTransformer` scans them.
+  """
   return flax.traverse_util.unflatten_dict({tuple(k.split('/')): v
-                                            for k, v in flat.items()})
+                                            for k, v in scanned(flat).items()})
 
 
 def flatten(tree):
-  return {'/'.join(k): v for k, v in flax.traverse_util.flatten_dict(tree).items()}
+  """The inverse of `nest`: a Flax tree -> `{'a/b/c': x}` under the file's names."""
+  return unscanned({'/'.join(k): v
+                    for k, v in flax.traverse_util.flatten_dict(tree).items()})
+
+
+def tree_shapes(config):
+  """The parameter tree of a `VisionTransformer(config)`, as ShapeDtypeStructs."""
+  model = models_vit.VisionTransformer(config)
+  return jax.eval_shape(
+      model.init, jax.random.PRNGKey(0),
+      jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32))['params']
 
 
 def expected_shapes(config):
-  """`{key: shape}` of every parameter a `VisionTransformer(config)` owns."""
-  model = models_vit.VisionTransformer(config)
-  shapes = jax.eval_shape(
-      model.init, jax.random.PRNGKey(0),
-      jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32))
-  return {k: v.shape for k, v in flatten(shapes['params']).items()}
+  """`{key: shape}` of every parameter a `VisionTransformer(config)` owns, by
+  the file's names."""
+  return {k: v.shape for k, v in flatten(tree_shapes(config)).items()}
 
 
 def check_against(flat, config, path='checkpoint'):

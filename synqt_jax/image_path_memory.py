@@ -17,12 +17,14 @@ Alive at once: the batch's input tokens and one piece's K/V (an eighth of
 the default mode's), for twice the image-path compute. The head runs on the
 whole batch, outside.
 
-Why a custom VJP rather than `jax.checkpoint`: XLA:CPU removes
-`jax.checkpoint`'s optimization barriers before it schedules, and then merges
-recomputed K/V with the forward pass's (CSE) or computes them early, keeping
-what rematerialisation was meant to free. Here a piece's recomputation starts
-from tokens made to depend on the output cotangents (`synqt.after`), which
-no compiler can merge with the forward pass or run early.
+Why a custom VJP rather than `jax.checkpoint` of each scanned block: that
+would keep every block's input tokens for the whole batch (half of the K/V),
+and XLA:CPU removes `jax.checkpoint`'s optimization barriers before it
+schedules, then merges recomputed values with the forward pass's (CSE) or
+computes them early. Here a piece's recomputation starts from tokens made to
+depend on the output cotangents (`synqt.after`), which no compiler can merge
+with the forward pass or run early. (Inside a piece, the query path is
+rematerialised per layer, as in 'keep_kv'.)
 
 Random streams: the drop-path masks of both paths are drawn for the whole
 batch and sliced (`rows`), and the head runs on the whole batch, so they equal

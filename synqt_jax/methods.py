@@ -47,7 +47,9 @@ class SynQT:
     del images  # The trainable modules' shapes follow from the configs.
     trainable = jax.jit(functools.partial(
         self.model.init, method=synqt.SynQTModel.init_trainable))(rng)['params']
-    trainable = dict(trainable)
+    # Each layer's modules are created (and drawn) one by one, then stacked
+    # for the scan over the layers (`checkpoint.nest`).
+    trainable = checkpoint.nest(checkpoint.flatten(trainable))
     encoder_norm = frozen['backbone']['Transformer']['encoder_norm']
     trainable['synqt'] = {**trainable['synqt'], 'head_norm': dict(encoder_norm)}
     return trainable

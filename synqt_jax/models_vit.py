@@ -1,21 +1,26 @@
-"""A Flax Vision Transformer whose parameter tree *is* Google's official `.npz` tree.
+"""A Flax Vision Transformer whose parameter tree is Google's `.npz` tree, blocks stacked.
 
 Every submodule is named after the checkpoint key it owns (`embedding`, `cls`,
 `Transformer/encoderblock_3/MultiHeadDotProductAttention_1/query`, ...), so loading
-a checkpoint is: read the file, split the keys on '/', `apply`. The blocks expose
-the pieces SynQT's query path needs (`image_kv`, `attend`, `mlp_residual`), so the
-frozen image path and the trainable query path share one set of weights.
+a checkpoint is: read the file, split the keys on '/', `apply`; only the L blocks
+are held stacked on a leading axis (`Transformer/encoderblock/...`, big_vision's
+`scan` layout: `checkpoint.nest` stacks them), so that one block is compiled and
+run in a scan, not L unrolled copies. The blocks expose the pieces SynQT's query
+path needs (`image_kv`, `attend`, `mlp`), so the frozen image path and the
+trainable query path share one set of weights.
 
 The families of vit_jax's `VisionTransformer` are covered: a class token or
 global average pooling (`classifier`), and the R50+ViT hybrids' ResNet stem
 (`resnet`, see models_resnet.py) under the patch embedding.
 """
 import dataclasses
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from synqt_jax import models_resnet
 
@@ -84,20 +89,20 @@ def _softmax_jvp(primals, tangents):
   return y, y * (x_dot - (y * x_dot).sum(-1, keepdims=True))
 
 
-def drop_path(x, rate, rng, rows=None):
-  """Stochastic depth: zero whole samples with probability `rate`, rescale the rest.
+def drop_path(x, survival, rng, rows=None):
+  """Stochastic depth: zero whole samples with probability 1 - `survival`, rescale the rest.
 
-  `rows=(start, batch)`: `x` is the rows from `start` (may be traced) of a batch
-  of `batch`; they get that batch's draws, so a batch computed piece by piece
-  is dropped as a whole.
+  `rng` None: no drop. `rows=(start, batch)`: `x` is the rows from `start` (may
+  be traced) of a batch of `batch`; they get that batch's draws, so a batch
+  computed piece by piece is dropped as a whole.
   """
-  if rate == 0.0 or rng is None:
+  if rng is None:
     return x
   start, batch = rows or (0, x.shape[0])
   keep = jax.lax.dynamic_slice_in_dim(
-      jax.random.bernoulli(rng, 1.0 - rate, (batch,) + (1,) * (x.ndim - 1)),
+      jax.random.bernoulli(rng, survival, (batch,) + (1,) * (x.ndim - 1)),
       start, x.shape[0])
-  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+  return jnp.where(keep, x / survival.astype(x.dtype), jnp.zeros_like(x))
 
 
 class MlpBlock(nn.Module):
@@ -174,18 +179,33 @@ class Encoder1DBlock(nn.Module):
     """MLP output for tokens `x` (before the residual)."""
     return self.MlpBlock_3(self.LayerNorm_2(x))
 
-  def advance(self, x, k, v, drop_rate=0.0, rngs=(None, None), rows=None):
+  def advance(self, x, k, v, drop, rows=None):
     """The block's output tokens from its input `x` and their K/V `k`, `v`.
 
-    `rngs` are the stochastic-depth keys of its two branches; `rows`: see
+    `drop`: the block's stochastic depth, see `drop_path_inputs`; `rows`: see
     `drop_path`.
     """
-    x = x + drop_path(self.attend(x, k, v), drop_rate, rngs[0], rows)
-    return x + drop_path(self.mlp(x), drop_rate, rngs[1], rows)
+    survival, keys = drop
+    x = x + drop_path(self.attend(x, k, v), survival, branch_key(keys, 0), rows)
+    return x + drop_path(self.mlp(x), survival, branch_key(keys, 1), rows)
 
-  def __call__(self, x, drop_rate=0.0, rngs=(None, None)):
-    """The ordinary block."""
-    return self.advance(x, *self.image_kv(x), drop_rate, rngs)
+  def __call__(self, x, drop):
+    """The ordinary block, as a step of a scan over the blocks: (output, None)."""
+    return self.advance(x, *self.image_kv(x), drop), None
+
+
+def branch_key(keys, branch):
+  """A block's stochastic-depth key of `branch` (0: attention, 1: MLP), or None."""
+  return None if keys is None else keys[branch]
+
+
+def block_method(config, params, method):
+  """`Encoder1DBlock` method `method` on one block's `params`, a pure function.
+
+  What a `jax.lax.scan` over the stacked blocks calls on its slice of them.
+  """
+  return functools.partial(Encoder1DBlock(config, parent=None).apply,
+                           {'params': params}, method=method)
 
 
 class AddPositionEmbs(nn.Module):
@@ -201,20 +221,25 @@ class AddPositionEmbs(nn.Module):
 
 
 class Encoder(nn.Module):
-  """`Transformer`: position embedding, the blocks, the final norm."""
+  """`Transformer`: position embedding, the blocks (scanned), the final norm."""
   config: ViTConfig
 
   def setup(self):
     c = self.config
     self.posembed_input = AddPositionEmbs(c)
-    self.encoderblock = [Encoder1DBlock(c) for _ in range(c.num_layers)]
+    self.encoderblock = nn.scan(
+        Encoder1DBlock, variable_axes={'params': 0, 'intermediates': 0},
+        split_rngs={'params': True}, length=c.num_layers)(c)
     self.encoder_norm = nn.LayerNorm(epsilon=BACKBONE_LN_EPS, dtype=c.dtype)
+
+  def blocks(self, x, drop_rate=0.0, rng=None):
+    """Tokens `x` through every block, with stochastic depth (`drop_path_inputs`)."""
+    return self.encoderblock(
+        x, drop_path_inputs(self.config.num_layers, drop_rate, rng))[0]
 
   def __call__(self, x):
     """Embedded tokens (position embedding added, see `VisionTransformer.tokens`)."""
-    for block in self.encoderblock:
-      x = block(x)
-    return self.encoder_norm(x)
+    return self.encoder_norm(self.blocks(x))
 
 
 class VisionTransformer(nn.Module):
@@ -241,8 +266,9 @@ class VisionTransformer(nn.Module):
                            kernel_init=nn.initializers.zeros)
 
   @property
-  def blocks(self):
-    return self.Transformer.encoderblock
+  def block_params(self):
+    """Every block's parameters, stacked on axis 0 (what the scans slice)."""
+    return self.variables['params']['Transformer']['encoderblock']
 
   def stem(self, images):
     """What the patch embedding reads: the images, or a hybrid's ResNet features."""
@@ -280,17 +306,23 @@ class VisionTransformer(nn.Module):
     """The frozen image path: per-block (K, V) of the image tokens, no gradient.
 
     Stochastic depth on block i uses rate `i * drop_rate / (L - 1)`, as timm.
-    Returns a list of L pairs of (B, N, H, D/H) arrays.
+    Returns (L, 2, B, N, H, D/H): block i's keys and values.
     """
+    c = self.config
+
+    def step(x, inputs):
+      params, index, drop = inputs
+      block = functools.partial(block_method, c, params)
+      k, v = jax.lax.stop_gradient(block('image_kv')(x))
+      x = jax.lax.cond(  # The last block's output is never read.
+          index + 1 < c.num_layers,
+          lambda: jax.lax.stop_gradient(block('advance')(x, k, v, drop)),
+          lambda: x)
+      return x, jnp.stack([k, v])
+
     x = jax.lax.stop_gradient(self.tokens(images))
-    kvs = []
-    for i, block in enumerate(self.blocks):
-      k, v = jax.lax.stop_gradient(block.image_kv(x))
-      kvs.append((k, v))
-      if i + 1 < len(self.blocks):  # The last block's output is never read.
-        x = jax.lax.stop_gradient(block.advance(
-            x, k, v, *block_drop_path(i, len(self.blocks), drop_rate, rng)))
-    return kvs
+    return jax.lax.scan(step, x, (self.block_params, jnp.arange(c.num_layers),
+                                  drop_path_inputs(c.num_layers, drop_rate, rng)))[1]
 
   def __call__(self, images):
     """The pre-trained classifier: class token (or token mean) -> pre_logits -> head."""
@@ -298,11 +330,18 @@ class VisionTransformer(nn.Module):
     return self.head(x) if self.config.num_classes is not None else x
 
 
-def block_drop_path(i, num_layers, rate, rng):
-  """Block i's stochastic depth: its rate and the keys of its two branches."""
-  keys = (None, None) if rng is None else tuple(
-      jax.random.split(jax.random.fold_in(rng, i)))
-  return block_drop_rate(i, num_layers, rate), keys
+def drop_path_inputs(num_layers, rate, rng):
+  """Every block's stochastic depth, to scan over: (survival (L,), keys (L, 2)).
+
+  Block i keeps a sample with probability 1 - `block_drop_rate(i, L, rate)`
+  (computed in float64, then rounded once); its two branches draw with
+  `split(fold_in(rng, i))`. Keys None (no drop) without `rng`.
+  """
+  survival = np.array([1.0 - block_drop_rate(i, num_layers, rate)
+                       for i in range(num_layers)], np.float32)
+  keys = None if rng is None else jax.vmap(  # One PRNG computation to compile, not L.
+      lambda i: jax.random.split(jax.random.fold_in(rng, i)))(jnp.arange(num_layers))
+  return jnp.asarray(survival), keys
 
 
 def block_drop_rate(i, num_layers, rate):

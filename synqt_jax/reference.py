@@ -10,9 +10,9 @@ and `out_combine.weight` are created but never used: they are skipped.
 import re
 from typing import Mapping
 
-import flax
 import numpy as np
 
+from synqt_jax import checkpoint
 from synqt_jax import synqt
 
 UNUSED = re.compile(r'^synqt\.(pre_norm\.\d+\.(weight|bias)|out_combine\.weight)$')
@@ -50,8 +50,8 @@ def convert(tensors: Mapping[str, np.ndarray]):
       continue
     value = np.asarray(value, np.float32)
     path = tree_path(name, value.ndim)
-    flat[path] = value.T if path[-1] == 'kernel' else value
-  return flax.traverse_util.unflatten_dict(flat)
+    flat['/'.join(path)] = value.T if path[-1] == 'kernel' else value
+  return checkpoint.nest(flat)  # Per-layer modules stacked, as `init` holds them.
 
 
 def synqt_config(tensors: Mapping[str, np.ndarray], **overrides):

@@ -132,8 +132,18 @@ class QSMBlock(nn.Module):
     return z + Adapter(48, c.dropout, self.dtype, name='mlp')(h, deterministic) * beta
 
 
+def prompt_adapter(config, dtype, **kwargs):
+  """`prompt_ffn_i`: the adapter a layer's queries go through first."""
+  return Adapter(48, config.dropout, dtype, **kwargs)
+
+
 class QuerySynthesis(nn.Module):
-  """`synqt`: the learnable queries, their synthesis, and the feature combiner."""
+  """`synqt`: the learnable queries, their synthesis, and the feature combiner.
+
+  Layer i's modules are created under the reference's names (`prompt_ffn_3`,
+  `qsm_block_3`, `init_layers`) and held stacked (`prompt_ffn`, `qsm_block`:
+  `checkpoint.nest`), which the query path scans over.
+  """
   config: SynQTConfig
   num_layers: int
   width: int
@@ -144,22 +154,43 @@ class QuerySynthesis(nn.Module):
     self.q = self.param('q', symmetric_uniform, (L, c.token_nums, D))
     self.feat_scale = self.param(
         'feat_scale', nn.initializers.constant(c.feat_scale), (1,))
-    self.prompt_ffn = [Adapter(48, c.dropout, self.dtype) for _ in range(L)]
+    self.prompt_ffn = [prompt_adapter(c, self.dtype) for _ in range(L)]
     self.qsm_block = [QSMBlock(c, self.dtype) for _ in range(L)]
-    self.prompt_drop = nn.Dropout(c.dropout)
     self.out_norm = layer_norm(None, self.dtype)
     self.mlp = Adapter(48, c.dropout, self.dtype)
     self.combine = linear(3 * L, D, None, self.dtype)
     self.combine_drop = nn.Dropout(c.dropout)
     self.head_norm = layer_norm(None, self.dtype)
 
-  def queries(self, i, previous, batch, deterministic):
-    """Block i's T queries (B, T, D); `previous` is f_{i-1} (B, 1, D) or None."""
-    p = jnp.broadcast_to(self.q[i].astype(self.dtype), (batch,) + self.q.shape[1:])
-    if previous is not None:
-      p = p + self.feat_scale.astype(self.dtype) * previous
-    p = self.prompt_ffn[i](p, deterministic)
-    return self.prompt_drop(self.qsm_block[i](p, deterministic), deterministic)
+  def init_layers(self):
+    """Creates every layer's parameters (the query path only reads them)."""
+    z = jnp.zeros((1, self.config.token_nums, self.width), self.dtype)
+    for ffn, qsm in zip(self.prompt_ffn, self.qsm_block):
+      qsm(ffn(z, True), True)
+
+  def layer_params(self):
+    """(q, prompt_ffn, qsm_block): every layer's, stacked on axis 0, to scan
+    over (`methods.SynQT.init` stacks what `init_layers` created)."""
+    params = self.variables['params']
+    return self.q, params['prompt_ffn'], params['qsm_block']
+
+  def layer_queries(self, params, previous, deterministic, rng):
+    """Layer i's T queries (B, T, D), a pure function of its slice `params` of
+    `layer_params` and of `previous`, f_{i-1} (B, 1, D; zeros for layer 0).
+
+    `rng`: the layer's dropout key (None when `deterministic`).
+    """
+    q, ffn, qsm = params
+    keys = [None] * 3 if rng is None else [{'dropout': k}
+                                          for k in jax.random.split(rng, 3)]
+    p = jnp.broadcast_to(q.astype(self.dtype), (previous.shape[0],) + q.shape)
+    p = p + self.feat_scale.astype(self.dtype) * previous
+    p = prompt_adapter(self.config, self.dtype, parent=None).apply(
+        {'params': ffn}, p, deterministic, rngs=keys[0])
+    p = QSMBlock(self.config, self.dtype, parent=None).apply(
+        {'params': qsm}, p, deterministic, rngs=keys[1])
+    return nn.Dropout(self.config.dropout, parent=None).apply(
+        {}, p, deterministic, rngs=keys[2])
 
   def combine_features(self, features, deterministic):
     """(B, 1+3L, D) features -> (B, D): adapter, tanh-gated weights, mean, head_norm."""
@@ -185,7 +216,11 @@ class SynQTModel(nn.Module):
   reference, the pre-trained `pre_logits` and `head` take no part.
 
   `__call__(images)` = `logits_from_kv(image_kv(images))`; the split lets a
-  feature cache feed stored K/V to the query path.
+  feature cache feed stored K/V to the query path. Both paths are one
+  `jax.lax.scan` over the layers (one block compiled, not L).
+
+  Block outputs are (f, a, m), each (B, L, D): per layer, the mean over the
+  queries of the block's output, attention branch and MLP branch.
   """
   vit: models_vit.ViTConfig
   config: SynQTConfig
@@ -198,53 +233,78 @@ class SynQTModel(nn.Module):
 
   def init_trainable(self):
     """Touches every trainable module once, without the backbone (cheap `init`)."""
-    num_layers, width = self.vit.num_layers, self.vit.hidden_size
-    previous = jnp.zeros((1, 1, width), self.vit.dtype)
-    for i in range(num_layers):
-      self.synqt.queries(i, None if i == 0 else previous, 1, True)
-    features = jnp.zeros((1, 1 + 3 * num_layers, width), self.vit.dtype)
+    self.synqt.init_layers()
+    features = jnp.zeros((1, 1 + 3 * self.vit.num_layers, self.vit.hidden_size),
+                         self.vit.dtype)
     return self.head(self.synqt.combine_features(features, True))
 
   def image_kv(self, images, train=False):
     """Per-block keys/values of the image tokens: (B, L, 2, N, H, D/H), no gradient."""
+    return jnp.moveaxis(self._image_path(images, train), 2, 0)
+
+  def _image_path(self, images, train):
+    """`image_kv` in the image path's own layout, (L, 2, B, N, H, D/H)."""
     rate = self._image_drop_rate(train)
     rng = self.make_rng('drop_path') if rate > 0 else None
-    kvs = self.backbone.image_path(images, rate, rng)
-    return jnp.stack([jnp.stack(kv, axis=1) for kv in kvs], axis=1)
+    return self.backbone.image_path(images, rate, rng)
 
   def query_path(self, kv, train=False, with_attention=False):
     """Runs the queries through every frozen block; returns the (B, 1+3L, D) features.
 
-    With `with_attention`, also the queries' attention over the image tokens,
-    (B, L, H, T, N), for visualisation.
+    `kv`: as `image_kv`. With `with_attention`, also the queries' attention over
+    the image tokens, (B, L, H, T, N), for visualisation.
     """
-    rng = self._query_drop_path_rng(train)
-    previous, outputs, attentions = None, [], []
-    for i in range(self.vit.num_layers):
-      k, v = kv[:, i, 0], kv[:, i, 1]
-      p = self.synqt.queries(i, previous, kv.shape[0], not train)
-      if with_attention:
-        attentions.append(self.backbone.blocks[i].attention_weights(p, k))
-      outputs.append(self.read_block(i, p, k, v, rng))
-      previous = outputs[-1][0]
+    return self._query_path(jnp.moveaxis(kv, 1, 0), lambda kv: (kv[:, 0], kv[:, 1]),
+                            train, with_attention)
+
+  def _query_path(self, kv, split, train, with_attention=False):
+    """`query_path` of K/V `kv` with the layers on axis 0; `split(kv[i])` is
+    block i's (K, V), in whichever layout `kv` has (no copy of all the K/V)."""
+
+    def step(layer, block, query_drop, dropout_rng, previous, carry, kv):
+      k, v = split(kv)
+      p = self.synqt.layer_queries(layer, previous, not train, dropout_rng)
+      output = read_block(block, p, k, v, query_drop)
+      attention = block('attention_weights')(p, k) if with_attention else None
+      return output, attention, carry
+
+    outputs, attentions = self._scan_layers(
+        step, split(kv[0])[0].shape[0], train, self._query_drop_path_rng(train),
+        None, kv)
     features = self._features(outputs)
     if with_attention:
-      return features, jnp.stack(attentions, axis=1)
+      return features, jnp.moveaxis(attentions, 0, 1)
     return features
 
-  def read_block(self, i, p, k, v, rng, rows=None):
-    """Queries `p` through frozen block i reading its image K/V: (f_i, a_i, m_i).
+  def _scan_layers(self, step, batch, train, query_rng, carry, xs):
+    """`jax.lax.scan` over the layers of `step(layer, block, query_drop,
+    dropout_rng, previous, carry, x)` -> ((f, a, m), extra, carry).
 
-    `rows`: see `models_vit.drop_path`.
+    `step` gets the layer's slice of the query module's parameters (`layer`),
+    its frozen block (`block(method)`: `models_vit.block_method`), its query
+    stochastic depth and dropout key, and its slice `x` of `xs`; `previous` is
+    f_{i-1} (zeros for layer 0). Returns the block outputs (f, a, m), each
+    (B, L, D), and the stacked `extra` (L, ...).
     """
-    block = self.backbone.blocks[i]
-    rate, rngs = models_vit.block_drop_path(i, self.vit.num_layers,
-                                            self.config.drop_path, rng)
-    a = models_vit.drop_path(block.attend(p, k, v), rate, rngs[0], rows)
-    p = p + a
-    m = models_vit.drop_path(block.mlp(p), rate, rngs[1], rows)
-    p = p + m
-    return tuple(x.mean(axis=1, keepdims=True) for x in (p, a, m))
+    vit = self.vit
+    dropout = (jax.random.split(self.make_rng('dropout'), vit.num_layers)
+               if train and self.config.dropout > 0 else None)
+
+    def body(state, inputs):
+      layer, params, query_drop, dropout_rng, x = inputs
+      block = functools.partial(models_vit.block_method, vit, params)
+      output, extra, carry = step(layer, block, query_drop, dropout_rng, *state, x)
+      return (output[0], carry), (output, extra)
+
+    inputs = (self.synqt.layer_params(), self.backbone.block_params,
+              models_vit.drop_path_inputs(vit.num_layers, self.config.drop_path,
+                                          query_rng), dropout, xs)
+    previous = jnp.zeros((batch, 1, vit.hidden_size), vit.dtype)
+    # Rematerialised: the backward pass re-runs a layer's query path (T queries,
+    # cheap) from the layer's inputs, so it keeps no per-layer copies of the K/V.
+    _, (outputs, extra) = jax.lax.scan(jax.checkpoint(body, prevent_cse=False),
+                                       (previous, carry), inputs)
+    return tuple(jnp.moveaxis(x[:, :, 0], 0, 1) for x in outputs), extra
 
   def _image_drop_rate(self, train):
     c = self.config
@@ -255,15 +315,15 @@ class SynQTModel(nn.Module):
     return self.make_rng('drop_path') if train and c.drop_path > 0 else None
 
   def _features(self, outputs):
-    """[f_{L-1}, f_0..f_{L-1}, a_0..a_{L-1}, m_0..m_{L-1}] from per-block (f, a, m)."""
-    feats, attn_feats, mlp_feats = zip(*outputs)
-    return jnp.concatenate([feats[-1], *feats, *attn_feats, *mlp_feats], axis=1)
+    """[f_{L-1}, f_0..f_{L-1}, a_0..a_{L-1}, m_0..m_{L-1}] from the block outputs."""
+    feats, attn_feats, mlp_feats = outputs
+    return jnp.concatenate([feats[:, -1:], feats, attn_feats, mlp_feats], axis=1)
 
   def image_tokens_and_drop_path_keys(self, images, train=False):
     """The image path's input tokens and the image/query stochastic-depth keys.
 
     The keys are drawn in the order `__call__` draws them, so a forward pass
-    assembled from `image_and_query_block` has the same drop masks.
+    assembled from `block_outputs_from_tokens` has the same drop masks.
     """
     image_rng = (self.make_rng('drop_path') if self._image_drop_rate(train) > 0
                  else None)
@@ -271,47 +331,70 @@ class SynQTModel(nn.Module):
     tokens = jax.lax.stop_gradient(self.backbone.tokens(images))
     return tokens, image_rng, query_rng
 
-  def image_and_query_block(self, i, x, previous, image_rng, query_rng,
-                            train=False, rows=None):
-    """Block i of both paths from its input tokens `x` (B, N, D).
-
-    The queries read the block's K/V (`read_block`); the tokens advance as in
-    `image_path`. `rows`: see `models_vit.drop_path`. Returns the next tokens
-    and (f_i, a_i, m_i).
-    """
-    block = self.backbone.blocks[i]
-    k, v = block.image_kv(x)
-    p = self.synqt.queries(i, previous, x.shape[0], not train)
-    output = self.read_block(i, p, k, v, query_rng, rows)
-    if i + 1 == self.vit.num_layers:  # As image_path: the last output is unused.
-      return x, output
-    rate, rngs = models_vit.block_drop_path(
-        i, self.vit.num_layers, self._image_drop_rate(train), image_rng)
-    return jax.lax.stop_gradient(block.advance(x, k, v, rate, rngs, rows)), output
-
   def block_outputs_from_tokens(self, x, image_rng, query_rng, train=False,
                                 rows=None):
-    """Both paths through every block from the input tokens: L (f_i, a_i, m_i)."""
-    previous, outputs = None, []
-    for i in range(self.vit.num_layers):
-      x, output = self.image_and_query_block(i, x, previous, image_rng,
-                                             query_rng, train, rows)
-      outputs.append(output)
-      previous = output[0]
-    return outputs
+    """Both paths through every block from the input tokens `x` (B, N, D).
+
+    Block i's queries read its K/V (`read_block`); the tokens advance as in
+    `image_path`. `rows`: see `models_vit.drop_path`. Returns the block outputs.
+    """
+    vit = self.vit
+    image_drop = models_vit.drop_path_inputs(
+        vit.num_layers, self._image_drop_rate(train), image_rng)
+
+    def step(layer, block, query_drop, dropout_rng, previous, x, inputs):
+      index, image_drop = inputs
+      k, v = block('image_kv')(x)
+      p = self.synqt.layer_queries(layer, previous, not train, dropout_rng)
+      output = read_block(block, p, k, v, query_drop, rows)
+      x = jax.lax.cond(  # As image_path: the last block's output is unused.
+          index + 1 < vit.num_layers,
+          lambda: jax.lax.stop_gradient(block('advance')(x, k, v, image_drop, rows)),
+          lambda: x)
+      return output, None, x
+
+    return self._scan_layers(step, x.shape[0], train, query_rng, x,
+                             (jnp.arange(vit.num_layers), image_drop))[0]
 
   def logits_from_block_outputs(self, outputs, train=False):
-    """Logits from the L per-block (f_i, a_i, m_i) of the query path."""
-    features = self._features(outputs)
-    return self.head(self.synqt.combine_features(features, not train))
+    """Logits from the block outputs (f, a, m) of the query path."""
+    return self._logits(self._features(outputs), train)
 
   def query_attention(self, images):
     """Where each layer's queries look: softmax weights (B, L, H, T, N) over image tokens."""
     return self.query_path(self.image_kv(images), with_attention=True)[1]
 
   def logits_from_kv(self, kv, train=False):
-    h = self.synqt.combine_features(self.query_path(kv, train), not train)
-    return self.head(h)
+    return self._logits(self.query_path(kv, train), train)
+
+  def _logits(self, features, train):
+    return self.head(self.synqt.combine_features(features, not train))
 
   def __call__(self, images, train=False):
-    return self.logits_from_kv(self.image_kv(images, train), train)
+    """= `logits_from_kv(image_kv(images))`, the K/V kept in their own layout.
+
+    `init` creates the parameters the scans read without running them: the
+    blocks (stacked) and each layer's modules (one by one, see QuerySynthesis).
+    """
+    if self.is_initializing():
+      self.backbone(images)
+      return self.init_trainable()
+    kv = self._image_path(images, train)
+    return self._logits(self._query_path(kv, lambda kv: (kv[0], kv[1]), train),
+                        train)
+
+
+def read_block(block, p, k, v, drop, rows=None):
+  """Queries `p` through a frozen block (`block(method)`) reading its image K/V:
+  (f_i, a_i, m_i), each (B, 1, D).
+
+  `drop`: the block's stochastic depth (`models_vit.drop_path_inputs`);
+  `rows`: see `models_vit.drop_path`.
+  """
+  survival, keys = drop
+  key = functools.partial(models_vit.branch_key, keys)
+  a = models_vit.drop_path(block('attend')(p, k, v), survival, key(0), rows)
+  p = p + a
+  m = models_vit.drop_path(block('mlp')(p), survival, key(1), rows)
+  p = p + m
+  return tuple(x.mean(axis=1, keepdims=True) for x in (p, a, m))

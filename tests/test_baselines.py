@@ -193,8 +193,10 @@ def test_drop_path_rates_rise_linearly_over_the_blocks(tiny, batch):
   trainable = method.init(jax.random.PRNGKey(0), frozen, batch[0])
   logits = logits_of(method, trainable, {}, batch[0], True,
                      {'drop_path': jax.random.PRNGKey(0)})
+  first_block = lambda m: models_vit.block_method(  # Block 0 of the stacked blocks.
+      vit, jax.tree.map(lambda a: a[0], m.block_params), '__call__')
   first_block_only = lambda m, x: m.Transformer.encoder_norm(
-      m.blocks[0](m.tokens(x)))[:, 0]
+      first_block(m)(m.tokens(x), (jnp.float32(1.0), None))[0])[:, 0]
   features = jax.jit(functools.partial(models_vit.VisionTransformer(vit).apply,
                                        method=first_block_only))(
       {'params': frozen['backbone']}, batch[0])

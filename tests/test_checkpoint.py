@@ -117,7 +117,7 @@ def test_architecture_is_read_from_the_file(tiny_checkpoint, width, depth, heads
   assert checkpoint.count_params(params) == count
   assert sum(v.size for v in checkpoint.load_npz(path).values()) == count
   # Arrays arrive as float32 numpy arrays in the model's nested tree.
-  assert params['Transformer']['encoderblock_0']['LayerNorm_0']['scale'].dtype == np.float32
+  assert params['Transformer']['encoderblock']['LayerNorm_0']['scale'].dtype == np.float32
   overridden, _ = checkpoint.load(path, dtype=jnp.bfloat16, approximate_gelu=True)
   assert overridden.dtype == jnp.bfloat16 and overridden.approximate_gelu
 

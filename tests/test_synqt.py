@@ -163,10 +163,11 @@ def test_init_values(tiny):
   q = np.asarray(trainable['synqt']['q'])
   assert q.shape == (2, 4, 32) and np.all(np.abs(q) <= 1) and q.std() > 0.4  # U(-1, 1)
   assert float(trainable['synqt']['feat_scale'][0]) == pytest.approx(0.1)
+  flat = checkpoint.flatten(trainable)  # The layers' modules one by one.
   for i in range(2):
-    block = trainable['synqt'][f'qsm_block_{i}']
-    assert float(block['attn_scale'][0]) == pytest.approx(1.0)
-    assert float(block['ffn_scale'][0]) == pytest.approx(0.1)
+    block = f'synqt/qsm_block_{i}/'
+    assert float(flat[block + 'attn_scale'][0]) == pytest.approx(1.0)
+    assert float(flat[block + 'ffn_scale'][0]) == pytest.approx(0.1)
   head = np.asarray(trainable['head']['kernel'])
   assert head.shape == (32, 5) and np.all(np.abs(head) <= 32 ** -0.5)  # torch Linear init
   assert set(trainable) == {'synqt', 'head'}
