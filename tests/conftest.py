@@ -101,10 +101,23 @@ def numpy_vit_fn():
   return numpy_vit
 
 
+# The longest files first: two pytest-xdist workers (the README's command)
+# each take a whole file at a time, so a long one started last runs alone.
+LONGEST_FILES = ('test_real_data.py', 'test_sweep.py', 'test_notebooks.py')
+
+
+def pytest_collection_modifyitems(items):
+  rank = lambda item: (LONGEST_FILES.index(item.path.name)
+                       if item.path.name in LONGEST_FILES else len(LONGEST_FILES))
+  items.sort(key=rank)  # Stable: each file keeps its own order.
+
+
 # --- test_parity.py's background job. ---
 
 def pytest_collection_finish(session):
-  if session.config.option.collectonly:
+  # Under pytest-xdist every worker collects every test: the fixture starts
+  # the job in the worker that runs the parity tests instead.
+  if session.config.option.collectonly or 'PYTEST_XDIST_WORKER' in os.environ:
     return
   users = [item for item in session.items
            if 'parity_job' in getattr(item, 'fixturenames', ())]
