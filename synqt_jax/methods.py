@@ -145,7 +145,12 @@ REGISTRY = {
             # step's temporaries, twice the image-path compute).
             config_fields.Field('image_path_memory', 'keep_kv',
                                 lambda x: x in synqt.IMAGE_PATH_MEMORY,
-                                f'one of {synqt.IMAGE_PATH_MEMORY}'))),
+                                f'one of {synqt.IMAGE_PATH_MEMORY}'),
+            # keep_kv's K/V as computed ('float32') or rounded to 'bfloat16'
+            # (half of what the backward pass keeps; gradients within ~1e-2).
+            config_fields.Field('kv_dtype', 'float32',
+                                lambda x: x in synqt.KV_DTYPES,
+                                f'one of {tuple(synqt.KV_DTYPES)}'))),
     'lora': Registered(
         baselines.LoRA, fields=(
             config_fields.Field('rank', 8, config_fields.positive_int,
