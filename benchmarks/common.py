@@ -50,11 +50,16 @@ def learning_rate_schedule():
 
 
 def random_backbone(vit, seed=0):
-  """A random headless backbone tree of `vit`'s size, in the checkpoint layout."""
+  """A random headless backbone tree of `vit`'s size, in the checkpoint layout.
+
+  Held as `checkpoint.load` holds a file's (`checkpoint.host_tree`), so that
+  the process holds the backbone once, as the trainer's does.
+  """
   flat = random_vit.make(vit.hidden_size, vit.num_layers, vit.num_heads, vit.mlp_dim,
                          vit.patch_size, vit.image_size, classes=1, pre_logits=False,
                          seed=seed)
-  return checkpoint.nest({k: v for k, v in flat.items() if not k.startswith('head/')})
+  del flat['head/kernel'], flat['head/bias']
+  return checkpoint.host_tree(flat)
 
 
 def backbone_shapes(vit):
@@ -73,7 +78,8 @@ def initial_state(method, frozen, abstract=True):
                                    tx=optimizer, rng=jax.random.PRNGKey(1),
                                    method=method)
 
-  return jax.eval_shape(create, frozen) if abstract else jax.jit(create)(frozen)
+  # Not under a jit, as train.create_train_state: a jit would copy `frozen`.
+  return jax.eval_shape(create, frozen) if abstract else create(frozen)
 
 
 def method_inputs(name, vit, batch_size, num_classes=NUM_CLASSES, abstract=True,
@@ -85,8 +91,9 @@ def method_inputs(name, vit, batch_size, num_classes=NUM_CLASSES, abstract=True,
   """
   method = methods.create(name, vit, num_classes,
                           config or common_config.get_config())
-  backbone = backbone_shapes(vit) if abstract else random_backbone(vit)
-  frozen = {'backbone': backbone}
+  # A CPU device takes the aligned host arrays in place: held once.
+  frozen = {'backbone': backbone_shapes(vit) if abstract else
+            jax.device_put(random_backbone(vit), jax.local_devices()[0])}
   state = initial_state(method, frozen, abstract)
   frozen = {k: v for k, v in frozen.items() if k not in state.params}  # As train.py.
   s = vit.image_size

@@ -42,6 +42,7 @@ from benchmarks import common
 from synqt_jax import checkpoint
 from synqt_jax import convert
 from synqt_jax import fashion_mnist
+from synqt_jax import host_memory
 from synqt_jax import sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -171,7 +172,9 @@ def run_one(method, seed, data, backbone, normalization, workdir):
          'token_nums': method.token_nums, 'feature_cache': method.cached,
          'seed': seed, 'test_accuracy': results['test_accuracy'],
          'wall_seconds': seconds, 'peak_rss_bytes': usage.ru_maxrss * 1024}  # KiB.
-  if method.held_out:  # The retrained run is `final/`; the choice is the sweep's.
+  if not method.held_out:
+    run['host_memory'] = {'': phases(run_dir)}
+  else:  # The retrained run is `final/`; the choice is the sweep's.
     final = os.path.join(run_dir, 'final')
     with open(os.path.join(final, 'config.json')) as f:
       run['token_nums'] = json.load(f)['synqt']['token_nums']
@@ -180,11 +183,28 @@ def run_one(method, seed, data, backbone, normalization, workdir):
                               for r in results['combinations']}
     with open(os.path.join(final, 'results.json')) as f:
       results = json.load(f)
+    run['host_memory'] = {'choice (a sweep)': phases(os.path.join(run_dir, 'selection')),
+                          'final run': phases(final)}
     run_dir = final
   run.update(trainable_params=results['trainable_params'],
              train_images_per_sec=steady_images_per_sec(run_dir))
   common.write_json(record, {'command': command, 'run': run})
   return run
+
+
+def phases(run_dir):
+  """The run's host_memory.json (resident and peak bytes after each phase)."""
+  with open(os.path.join(run_dir, host_memory.FILE)) as f:
+    return json.load(f)
+
+
+def print_memory_phases(run):
+  """Where a run's peak resident memory was reached, phase by phase."""
+  for part, records in run['host_memory'].items():
+    print(f'  host memory{" of the " + part if part else ""} (GB resident / peak so far):')
+    for r in records:
+      now = '?' if r['resident_bytes'] is None else f'{r["resident_bytes"] / 1e9:.2f}'
+      print(f'    after {r["phase"]:<60} {now:>6} / {r["peak_bytes"] / 1e9:.2f}')
 
 
 def steady_images_per_sec(run_dir):
@@ -281,6 +301,7 @@ def main(argv):
       print(f'{method.name:>14} seed {seed}: test {100 * run["test_accuracy"]:.2f} %, '
             f'{run["wall_seconds"]:.0f} s, peak {run["peak_rss_bytes"] / MIB:,.0f} MiB',
             flush=True)
+      print_memory_phases(run)
   rows = summarize(runs, step_bytes)
   untrained = {name: step_memory(Method.parse(name).method, backbone)
                for name in _MEMORY_ONLY.value.split(',') if name}

@@ -8,7 +8,8 @@ this machine's CPU. Every point is a fresh process, the implementations
 alternating at each batch size: the reference (benchmarks/reference_step.py
 importing the reference's own synqt.py, from a fetched copy of the public
 repository GitHub taolinzhang/SynQT), then this project's `train.train_step`
-(the trainer's pmapped step) in each image-path memory mode. Per point:
+(the trainer's pmapped step) in each image-path memory mode, and keep_kv
+with bfloat16 K/V (synqt.kv_dtype). Per point:
 images per second (median step after a warm-up step), seconds to compile,
 and the peak resident memory of the whole process (ru_maxrss). A last run
 repeats keep_kv at the first batch size with the persistent compilation
@@ -39,6 +40,7 @@ from absl import flags
 from benchmarks import common
 from configs import common as common_config
 from synqt_jax import compilation_cache
+from synqt_jax import host_memory
 from synqt_jax import random_vit
 
 _REFERENCE = flags.DEFINE_string(
@@ -55,7 +57,10 @@ _COMPILE_ONLY = flags.DEFINE_bool(
 _WORKER = flags.DEFINE_string('worker', None, 'Internal: BATCH:MEMORY, one point.')
 _CACHE = flags.DEFINE_string('cache', None, 'Internal: the compilation cache.')
 
-MEMORY_MODES = ('keep_kv', 'recompute')
+# Our points: name -> config.synqt fields.
+VARIANTS = {'keep_kv': {'image_path_memory': 'keep_kv'},
+            'keep_kv_bf16kv': {'image_path_memory': 'keep_kv', 'kv_dtype': 'bfloat16'},
+            'recompute': {'image_path_memory': 'recompute'}}
 REFERENCE_STEP = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                               'reference_step.py')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,13 +91,13 @@ sys.modules.update({'torchvision.transforms': transforms,
 '''
 
 
-def our_point(batch_size, memory, tokens, steps, cache):
+def our_point(batch_size, variant, tokens, steps, cache):
   """One point of this project, in this (fresh) process."""
   compilation_cache.enable(cache or None)  # '': no persistent cache.
   compiles = compilation_cache.CompileCount()
   config = common_config.get_config()
   config.synqt.token_nums = tokens
-  config.synqt.image_path_memory = memory
+  config.synqt.update(VARIANTS[variant])
   inputs = common.method_inputs('synqt', common.VIT_B16, batch_size,
                                 abstract=_COMPILE_ONLY.value, config=config)
   rss_inputs = peak_rss_mb()
@@ -100,8 +105,9 @@ def our_point(batch_size, memory, tokens, steps, cache):
   compiled = common.pmapped_train_step().lower(*inputs).compile()
   compile_s = time.perf_counter() - start
   rss_compiled = peak_rss_mb()
+  host_memory.return_freed()  # As the trainer does after its first step.
   analysis = compiled.memory_analysis()
-  point = {'implementation': f'synqt_jax {memory}', 'batch': batch_size,
+  point = {'implementation': f'synqt_jax {variant}', 'batch': batch_size,
            'tokens': tokens, 'compile_s': compile_s,
            'programs_compiled': compiles.compiled,
            'programs_from_cache': compiles.hits,
@@ -131,12 +137,12 @@ def run_point(command, env=None):
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def ours(batch_size, memory, cache):
+def ours(batch_size, variant, cache):
   point = run_point([sys.executable, '-m', 'benchmarks.vs_reference',
-                     f'--worker={batch_size}:{memory}', f'--cache={cache or ""}',
+                     f'--worker={batch_size}:{variant}', f'--cache={cache or ""}',
                      f'--tokens={_TOKENS.value}', f'--steps={_STEPS.value}',
                      f'--compile_only={_COMPILE_ONLY.value}'])
-  return {'implementation': f'synqt_jax {memory}', 'batch': batch_size, **point}
+  return {'implementation': f'synqt_jax {variant}', 'batch': batch_size, **point}
 
 
 def reference_setup(directory):
@@ -217,9 +223,9 @@ def print_compile_table(points):
 
 def compile_only():
   """`--compile_only`: each point's first compile, nothing cached, nothing run."""
-  points = [ours(batch_size, memory, None)
+  points = [ours(batch_size, variant, None)
             for batch_size in common.parse_ints(_BATCH_SIZES.value)
-            for memory in MEMORY_MODES]
+            for variant in VARIANTS]
   if _JSON.value:
     common.write_json(_JSON.value, {'setup': common.backend_description(),
                                     'points': points})
@@ -229,8 +235,8 @@ def compile_only():
 def main(argv):
   del argv
   if _WORKER.value:
-    batch_size, memory = _WORKER.value.split(':')
-    print(json.dumps(our_point(int(batch_size), memory, _TOKENS.value,
+    batch_size, variant = _WORKER.value.split(':')
+    print(json.dumps(our_point(int(batch_size), variant, _TOKENS.value,
                                _STEPS.value, _CACHE.value)))
     return
   if _COMPILE_ONLY.value:
@@ -263,9 +269,9 @@ def main(argv):
     for batch_size in batch_sizes:
       if python is not None:
         add(reference(python, synqt_py, stand_in, backbone, batch_size))
-      for memory in MEMORY_MODES:
-        add(ours(batch_size, memory, cache))
-    warm = ours(batch_sizes[0], MEMORY_MODES[0], cache)
+      for variant in VARIANTS:
+        add(ours(batch_size, variant, cache))
+    warm = ours(batch_sizes[0], next(iter(VARIANTS)), cache)
     warm['implementation'] += ' (warm cache)'
     add(warm)
   print(setup)

@@ -33,6 +33,7 @@ import scipy.ndimage
 import tqdm
 
 from synqt_jax import errors
+from synqt_jax import host_memory
 from synqt_jax import models_resnet
 from synqt_jax import models_vit
 
@@ -226,11 +227,13 @@ def unscanned(flat):
   return out
 
 
-def scanned(flat):
+def scanned(flat, consume=False):
   """The inverse of `unscanned`: one key per layer -> layers stacked on axis 0.
 
   Stacked once, at load: the model scans over the stacked layers (one layer
   to compile), and a stacking inside a step would copy them at every step.
+  `consume`: empty `flat` and let go of each layer's arrays once stacked, so
+  that a file's backbone is held about once, not twice, while it is stacked.
   """
   layers, out = collections.defaultdict(dict), {}
   for k, v in flat.items():
@@ -239,14 +242,24 @@ def scanned(flat):
       layers[prefix + name + '/' + rest][int(i)] = v
     else:
       out[k] = v
-  for k, by_index in layers.items():
-    stack = [by_index[i] for i in sorted(by_index)]
+  if consume:
+    flat.clear()
+  for k in list(layers):
+    by_index = layers.pop(k)
+    stack = [by_index.pop(i) for i in sorted(by_index)]
     if _is_shape(stack[0]):
       out[k] = jax.ShapeDtypeStruct((len(stack),) + stack[0].shape, stack[0].dtype)
     else:  # On the host for host arrays (a file), else where they are.
-      out[k] = (np.stack(stack) if all(isinstance(x, np.ndarray) for x in stack)
+      out[k] = (_host_stack(stack) if all(isinstance(x, np.ndarray) for x in stack)
                 else jnp.stack(stack))
   return out
+
+
+def _host_stack(arrays):
+  """`np.stack` into an array a CPU device takes in place (host_memory.aligned)."""
+  out = host_memory.aligned_empty((len(arrays),) + arrays[0].shape,
+                                  np.result_type(*arrays))
+  return np.stack(arrays, out=out)
 
 
 def _is_shape(x):
@@ -319,13 +332,22 @@ def vit_config(flat, path='checkpoint', image_size=None, **overrides):
       classifier=classifier, resnet=resnet, **overrides)
 
 
-def nest(flat):
+def nest(flat, consume=False):
   """`{'a/b/c': x}` (the file's names) -> `{'a': {'b': {'c': x}}}`, the Flax tree.
 
-  The tree holds the blocks stacked (`scanned`), as `VisionTransformer` scans them.
+  The tree holds the blocks stacked (`scanned`, which `consume` is passed to),
+  as `VisionTransformer` scans them.
   """
-  return flax.traverse_util.unflatten_dict({tuple(k.split('/')): v
-                                            for k, v in scanned(flat).items()})
+  return flax.traverse_util.unflatten_dict(
+      {tuple(k.split('/')): v for k, v in scanned(flat, consume).items()})
+
+
+def host_tree(flat):
+  """`nest(flat)` of host arrays, consuming `flat`, every leaf float32 and 64-byte
+  aligned: what a CPU device takes in place, so the backbone is held once."""
+  for k, v in flat.items():
+    flat[k] = np.asarray(v, np.float32)
+  return jax.tree.map(host_memory.aligned, nest(flat, consume=True))
 
 
 def flatten(tree):
@@ -491,7 +513,7 @@ def load(source, image_size=None, collection='imagenet21k', cache_dir=None,
   if headless:
     config = dataclasses.replace(config, representation_size=None, num_classes=None)
     flat = {k: v for k, v in flat.items() if not k.startswith(('pre_logits/', 'head/'))}
-  return config, nest({k: np.asarray(v, np.float32) for k, v in flat.items()})
+  return config, host_tree(flat)
 
 
 def digest(flat: Mapping[str, np.ndarray]) -> str:

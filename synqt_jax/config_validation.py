@@ -111,6 +111,15 @@ def validate(config) -> None:
          f"'none' with data.augmentation={config.data.get('augmentation')!r} "
          '(the cache holds one fixed view of each image; augmentation draws a '
          "new crop every step), or set data.augmentation='none'")
+  if method == 'synqt':  # bfloat16 K/V are how keep_kv holds them online.
+    _check(config, 'synqt.kv_dtype',
+           lambda x: x == 'float32' or config.synqt.image_path_memory == 'keep_kv',
+           "'float32' with synqt.image_path_memory='recompute' (it keeps no "
+           "K/V to round), or set synqt.image_path_memory='keep_kv'")
+    _check(config, 'synqt.kv_dtype',
+           lambda x: x == 'float32' or config.train.feature_cache == 'none',
+           "'float32' with a feature cache (its K/V are stored in "
+           "train.cache_dtype: set train.cache_dtype='bfloat16' instead)")
   _check(config, 'train.deferred_eval',
          lambda x: not x or registered.reads_cached_kv,
          f'False with method={method!r} (deferred evaluation serves '

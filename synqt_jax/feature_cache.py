@@ -47,6 +47,7 @@ import numpy as np
 import tqdm
 
 from synqt_jax import checkpoint
+from synqt_jax import host_memory
 from synqt_jax import input_pipeline
 
 FORMAT_VERSION = 2  # 2: checksums of the rows and labels.
@@ -202,24 +203,11 @@ class HostFeatureCache(FeatureCache):
     return self.kv.nbytes
 
   def _kv(self, indices, rows, layout):
-    kv = aligned_empty((len(rows),) + self.kv.shape[1:], self.kv.dtype)
+    kv = host_memory.aligned_empty((len(rows),) + self.kv.shape[1:], self.kv.dtype)
     # 'wrap' reads row -1 (padding) as row n, and copies straight into `kv`:
     # the default mode ('raise') buffers the whole batch first (2.3x slower).
     np.take(self.kv, rows, axis=0, out=kv, mode='wrap')
     return layout.per_device({'kv': kv})['kv']
-
-
-def aligned_empty(shape, dtype, alignment=64):
-  """An uninitialised array starting on a 64-byte boundary.
-
-  XLA:CPU takes such an array as it is; any other it copies first, which for a
-  batch of ViT-B/16 K/V (~0.9 GB) cost a quarter of a cached step.
-  """
-  dtype = np.dtype(dtype)
-  size = int(np.prod(shape)) * dtype.itemsize
-  buffer = np.empty(size + alignment, np.uint8)
-  start = -buffer.ctypes.data % alignment
-  return buffer[start:start + size].view(dtype).reshape(shape)
 
 
 class DeviceFeatureCache(FeatureCache):

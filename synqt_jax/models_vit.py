@@ -302,11 +302,12 @@ class VisionTransformer(nn.Module):
       return x
     return jnp.tanh(self.pre_logits(x))
 
-  def image_path(self, images, drop_rate=0.0, rng=None):
+  def image_path(self, images, drop_rate=0.0, rng=None, kv_dtype=None):
     """The frozen image path: per-block (K, V) of the image tokens, no gradient.
 
     Stochastic depth on block i uses rate `i * drop_rate / (L - 1)`, as timm.
-    Returns (L, 2, B, N, H, D/H): block i's keys and values.
+    Returns (L, 2, B, N, H, D/H): block i's keys and values, rounded to
+    `kv_dtype` as each block makes them (None: as computed).
     """
     c = self.config
 
@@ -318,7 +319,8 @@ class VisionTransformer(nn.Module):
           index + 1 < c.num_layers,
           lambda: jax.lax.stop_gradient(block('advance')(x, k, v, drop)),
           lambda: x)
-      return x, jnp.stack([k, v])
+      kv = jnp.stack([k, v])
+      return x, kv if kv_dtype is None else kv.astype(kv_dtype)
 
     x = jax.lax.stop_gradient(self.tokens(images))
     return jax.lax.scan(step, x, (self.block_params, jnp.arange(c.num_layers),

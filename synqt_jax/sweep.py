@@ -47,6 +47,7 @@ import ml_collections
 
 from synqt_jax import config_validation
 from synqt_jax import deferred_eval
+from synqt_jax import host_memory
 from synqt_jax import methods
 from synqt_jax import metrics_log
 from synqt_jax import nonfinite
@@ -354,12 +355,15 @@ def _train_members(config, workdir, grid, evaluation_splits, max_stack):
   """`train_members` in a workdir this process holds."""
   train.prepare_run(config, workdir)
   workdir_lib.check_identity(workdir, config, sweep_grid=json.dumps(grid))
+  memory = host_memory.Phases()
   data = train.Data.load(config)
+  memory.mark('loading the data')
   if evaluation_splits is not None:
     data = dataclasses.replace(data, evaluation={
         k: v for k, v in data.evaluation.items() if k in evaluation_splits})
   method, frozen = methods.create_method(config)
   nonfinite.check_backbone(frozen['backbone'], config.backbone.source)
+  memory.mark('loading the backbone')
   members = [create_member(name, c, workdir, method.vit, frozen, data)
              for name, (_, c) in member_configs(config, grid).items()]
   groups = {}
@@ -373,6 +377,8 @@ def _train_members(config, workdir, grid, evaluation_splits, max_stack):
   cache = (None if config.train.feature_cache == 'none' else
            train.open_feature_cache(config, workdir, method, frozen, p_frozen,
                                     data))
+  memory.mark('putting the states on the devices'
+              + ('' if cache is None else ' and building the feature cache'))
   preemption = train.Preemption()
   try:
     with contextlib.ExitStack() as stack:
@@ -382,9 +388,12 @@ def _train_members(config, workdir, grid, evaluation_splits, max_stack):
                            preemption=preemption, group_index=i,
                            num_groups=len(groups)):
           return None
+        memory.mark(f'training group {i + 1} of {len(groups)}')
       evaluate_members(members, p_frozen, data, config)
+      memory.mark('evaluating')
   finally:
     preemption.restore()
+  train.write_json(os.path.join(workdir, host_memory.FILE), memory.records)
   results = {}
   for member in members:
     evaluations = member.evaluator.evaluations

@@ -22,6 +22,9 @@ from synqt_jax import models_vit
 # Every LayerNorm of the SynQT module uses PyTorch's default epsilon.
 SYNQT_LN_EPS = 1e-5
 IMAGE_PATH_MEMORY = ('keep_kv', 'recompute')
+# How keep_kv holds the K/V between the image path and the query path:
+# as computed, or rounded to bfloat16 (half the memory the backward pass keeps).
+KV_DTYPES = {'float32': None, 'bfloat16': jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,11 +44,16 @@ class SynQTConfig:
   # an eighth of the batch at a time in the backward pass ('recompute', see
   # image_path_memory.py: ~1/6 of the memory, twice the image-path compute).
   image_path_memory: str = 'keep_kv'
+  # The K/V's storage (KV_DTYPES); the query path computes in the ViT's dtype.
+  kv_dtype: str = 'float32'
 
   def __post_init__(self):
     if self.image_path_memory not in IMAGE_PATH_MEMORY:
       raise ValueError(f'image_path_memory={self.image_path_memory!r}; '
                        f'expected one of {IMAGE_PATH_MEMORY}.')
+    if self.kv_dtype not in KV_DTYPES:
+      raise ValueError(f'kv_dtype={self.kv_dtype!r}; expected one of '
+                       f'{tuple(KV_DTYPES)}.')
 
 
 def torch_linear_init(fan_in):
@@ -239,14 +247,23 @@ class SynQTModel(nn.Module):
     return self.head(self.synqt.combine_features(features, True))
 
   def image_kv(self, images, train=False):
-    """Per-block keys/values of the image tokens: (B, L, 2, N, H, D/H), no gradient."""
+    """Per-block keys/values of the image tokens: (B, L, 2, N, H, D/H), no gradient.
+
+    In `config.kv_dtype`'s storage.
+    """
     return jnp.moveaxis(self._image_path(images, train), 2, 0)
 
   def _image_path(self, images, train):
     """`image_kv` in the image path's own layout, (L, 2, B, N, H, D/H)."""
     rate = self._image_drop_rate(train)
     rng = self.make_rng('drop_path') if rate > 0 else None
-    return self.backbone.image_path(images, rate, rng)
+    return self.backbone.image_path(images, rate, rng,
+                                    KV_DTYPES[self.config.kv_dtype])
+
+  def _split(self, kv, layer_axis):
+    """Block i's (K, V) from its slice of stored K/V, in the ViT's dtype."""
+    kv = kv.astype(self.vit.dtype)
+    return (kv[:, 0], kv[:, 1]) if layer_axis else (kv[0], kv[1])
 
   def query_path(self, kv, train=False, with_attention=False):
     """Runs the queries through every frozen block; returns the (B, 1+3L, D) features.
@@ -254,7 +271,8 @@ class SynQTModel(nn.Module):
     `kv`: as `image_kv`. With `with_attention`, also the queries' attention over
     the image tokens, (B, L, H, T, N), for visualisation.
     """
-    return self._query_path(jnp.moveaxis(kv, 1, 0), lambda kv: (kv[:, 0], kv[:, 1]),
+    return self._query_path(jnp.moveaxis(kv, 1, 0),
+                            functools.partial(self._split, layer_axis=True),
                             train, with_attention)
 
   def _query_path(self, kv, split, train, with_attention=False):
@@ -380,8 +398,9 @@ class SynQTModel(nn.Module):
       self.backbone(images)
       return self.init_trainable()
     kv = self._image_path(images, train)
-    return self._logits(self._query_path(kv, lambda kv: (kv[0], kv[1]), train),
-                        train)
+    return self._logits(
+        self._query_path(kv, functools.partial(self._split, layer_axis=False),
+                         train), train)
 
 
 def read_block(block, p, k, v, drop, rows=None):

@@ -52,6 +52,7 @@ from synqt_jax import config_validation
 from synqt_jax import deferred_eval
 from synqt_jax import export
 from synqt_jax import feature_cache
+from synqt_jax import host_memory
 from synqt_jax import input_pipeline
 from synqt_jax import methods
 from synqt_jax import metrics_log
@@ -600,9 +601,12 @@ def train_and_evaluate(config, workdir):
 def run(config, workdir):
   """What a run does, in order; `workdir` is held by this process."""
   prepare_run(config, workdir)
+  memory = host_memory.Phases()
   data = Data.load(config)
+  memory.mark('loading the data')
   schedule = learning_rate_schedule(config.optim, data.steps_per_epoch)
   method, frozen = methods.create_method(config)
+  memory.mark('loading the backbone')
   nonfinite.check_backbone(frozen['backbone'], config.backbone.source)
   workdir_lib.check_identity(
       workdir, config, backbone_digest=feature_cache.backbone_digest(frozen))
@@ -623,6 +627,9 @@ def run(config, workdir):
     batches = stack.enter_context(contextlib.closing(open_train_batches(
         config, workdir, method, frozen, p_frozen, data, start_step)))
     del frozen  # The host copy: the devices have theirs.
+    memory.mark('putting the state on the devices'
+                + (' and building the feature cache'
+                   if config.train.feature_cache != 'none' else ''))
     log = stack.enter_context(contextlib.closing(metrics_log.MetricsLog(
         workdir, start_step, config.tensorboard)))
     step_metrics = stack.enter_context(contextlib.closing(
@@ -641,6 +648,10 @@ def run(config, workdir):
 
     for step in range(start_step + 1, data.total_steps + 1):  # Updates done.
       p_state, metrics = p_train_step(p_state, p_frozen, next(batches))
+      if step == start_step + 1:
+        jax.block_until_ready(metrics)
+        host_memory.return_freed()
+        memory.mark('compiling and running the first step')
       step_metrics.add(step, metrics)
       if step % config.train.log_every_steps == 0:
         step_metrics.write()
@@ -655,7 +666,10 @@ def run(config, workdir):
         logging.warning('SIGTERM: saved the checkpoint at step %d; exiting. '
                         'Run again with the same workdir to resume.', step)
         return None
+    memory.mark('training')
     evaluations = evaluator.finish()
+    memory.mark('evaluating' + (' (deferred)' if config.train.deferred_eval else ''))
+  write_json(workdir_lib.as_path(workdir) / host_memory.FILE, memory.records)
   return finish_run(config, workdir, evaluations, unreplicate(p_state.params),
                     data.total_steps)
 

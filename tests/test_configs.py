@@ -1,5 +1,6 @@
 """The configs: every task's reference values, and bad fields caught before compute."""
 import os
+import re
 import subprocess
 import sys
 
@@ -76,6 +77,7 @@ def test_tiny_config_is_valid_once_the_workdir_is_filled_in(tmp_path):
     ('train.feature_cache', 'gpu', 'config.train.feature_cache'),
     ('train.cache_dtype', 'float16', 'config.train.cache_dtype'),
     ('synqt.image_path_memory', 'remat', 'config.synqt.image_path_memory'),
+    ('synqt.kv_dtype', 'float16', 'config.synqt.kv_dtype'),
     ('eval_every_epochs', 0, 'config.eval_every_epochs'),
     ('keep_checkpoints', 0, 'config.keep_checkpoints'),
     ('seed', -1, 'config.seed'),
@@ -90,6 +92,22 @@ def test_bad_fields_are_named(field, value, message):
   target = config[section] if section else config
   target[name] = value
   with pytest.raises(ValueError, match=message.replace('.', r'\.')):
+    config_validation.validate(config)
+
+
+@pytest.mark.parametrize('change,fix', [
+    ({'synqt.image_path_memory': 'recompute'}, "synqt.image_path_memory='keep_kv'"),
+    ({'train.feature_cache': 'host'}, "train.cache_dtype='bfloat16'"),
+])
+def test_bfloat16_kv_only_where_keep_kv_holds_them(change, fix):
+  config = vtab1k.get_config('cifar100')
+  config.synqt.kv_dtype = 'bfloat16'
+  config_validation.validate(config)  # keep_kv online: fine.
+  for field, value in change.items():
+    section, name = field.split('.')
+    config[section][name] = value
+  with pytest.raises(config_validation.ConfigError,
+                     match=r"config\.synqt\.kv_dtype='bfloat16'.*" + re.escape(fix)):
     config_validation.validate(config)
 
 

@@ -332,3 +332,45 @@ def test_train_step_memory_grows_by_the_kv_not_the_vit_activations():
   # ... and far from a full fine-tune's activations (measured ~15x K/V).
   assert full >= 10 * kv_per_image
   assert ours <= full / 4
+
+
+def test_bfloat16_kv_halve_what_the_step_keeps_and_move_gradients_by_their_rounding():
+  flat = random_vit.make(**MEM, classes=10, pre_logits=False, seed=3)
+  params = checkpoint.nest(flat)
+  vit = dataclasses.replace(checkpoint.vit_config(flat), num_classes=None)
+  frozen = {'backbone': {k: v for k, v in params.items() if k != 'head'}}
+  L, N, D = vit.num_layers, vit.num_tokens, vit.hidden_size
+  kv_per_image = 2 * L * N * D * 4
+  xent = optax.softmax_cross_entropy_with_integer_labels
+  stored = {}
+
+  def grad_fn(kv_dtype):
+    config = synqt.SynQTConfig(num_classes=10, dropout=0.0, drop_path=0.0,
+                               head_drop_path=0.0, kv_dtype=kv_dtype)
+    method = methods.SynQT(vit, config)
+    stored[kv_dtype] = method.image_kv(frozen, jnp.zeros((1, 64, 64, 3))).dtype
+    return method, lambda t, x, y: jax.value_and_grad(
+        lambda t: xent(method.apply(t, frozen, x, train=True), y).mean())(t)
+
+  images = lambda b: jax.random.normal(jax.random.PRNGKey(b), (b, 64, 64, 3))
+  labels = lambda b: jnp.arange(b) % 10
+  method, exact = grad_fn('float32')
+  _, rounded = grad_fn('bfloat16')
+  assert stored == {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+  trainable = method.init(jax.random.PRNGKey(0), frozen, None)
+  growth = {name: per_image_growth(lambda b: (trainable, images(b), labels(b)), fn)
+            for name, fn in (('float32', exact), ('bfloat16', rounded))}
+  print(f'per image: K/V {kv_per_image}, temporaries {growth} bytes')
+  # The step keeps every block's K/V for the backward pass: half as many bytes.
+  assert growth['float32'] - growth['bfloat16'] >= 0.45 * kv_per_image
+
+  (loss, grads), (loss16, grads16) = (fn(trainable, images(16), labels(16))
+                                      for fn in (exact, rounded))
+  leaves, leaves16 = (jax.tree.leaves(g) for g in (grads, grads16))
+  error = (np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(leaves, leaves16)))
+           / np.sqrt(sum(np.sum(a ** 2) for a in leaves)))
+  print(f'loss {loss:.6f} vs {loss16:.6f}; gradients: relative error {error:.2e}')
+  # bfloat16 keeps 8 bits of mantissa (relative rounding <= 2^-9 = 2e-3 per
+  # value); what reaches the gradients stays of that order, but is not zero.
+  assert 1e-5 < error < 1e-2
+  assert abs(loss - loss16) < 1e-2 * abs(loss)

@@ -18,7 +18,7 @@ import pytest
 
 from synqt_jax import demo
 from synqt_jax import export
-from synqt_jax import feature_cache
+from synqt_jax import host_memory
 from synqt_jax import input_pipeline
 from synqt_jax import methods
 from synqt_jax import predict
@@ -133,7 +133,7 @@ def test_loss_is_the_mean_over_real_examples_and_padding_is_ignored(
 
 def test_replicate_puts_the_host_array_itself_on_a_cpu_device():
   """One copy of the frozen weights: no stacked host copy, no device copy."""
-  host = feature_cache.aligned_empty((1024, 1024), np.float32)
+  host = host_memory.aligned_empty((1024, 1024), np.float32)
   host[:] = np.arange(1 << 20).reshape(1024, 1024)
   replicated = train.replicate({'w': host})['w']
   [shard] = replicated.addressable_shards

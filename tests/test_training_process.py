@@ -2,9 +2,10 @@
 
 Two runs of configs/tiny.py on folder data with TensorBoard on, sharing one
 fresh compilation cache: the first compiles and fills it, the second compiles
-nothing.
+nothing. Each run also accounts for its resident memory phase by phase.
 """
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from tensorboard.backend.event_processing import event_file_loader
 from tensorboard.util import tensor_util
 
 from synqt_jax import compilation_cache
+from synqt_jax import host_memory
 from training_runs import launch_command
 from training_runs import launch_env
 from training_runs import read_log
@@ -87,3 +89,17 @@ def test_cache_directory_flag_env_default_and_off(monkeypatch):
   assert compilation_cache.directory(None) == '/env/cache'
   assert compilation_cache.directory('/flag/cache') == '/flag/cache'
   assert compilation_cache.directory('') is None
+
+
+def test_host_memory_accounts_for_the_peak_phase_by_phase(two_runs):
+  workdir, log, *_ = two_runs
+  with open(workdir / host_memory.FILE) as f:
+    phases = json.load(f)
+  assert [p['phase'] for p in phases] == [
+      'loading the data', 'loading the backbone', 'putting the state on the devices',
+      'compiling and running the first step', 'training', 'evaluating']
+  peaks = [p['peak_bytes'] for p in phases]
+  assert peaks == sorted(peaks)  # A peak so far never falls.
+  for p in phases:
+    assert 50e6 < p['resident_bytes'] <= p['peak_bytes'] < 20e9
+  assert f'Host memory after training: {phases[4]["resident_bytes"] / 1e9:.2f} GB' in log
