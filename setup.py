@@ -32,7 +32,7 @@ setup(
     extras_require={
         'test': [
             'pytest>=8.0',
-            'pytest-xdist>=3.6.1',  # the README's test command runs on both cores
+            'pytest-xdist>=3.8',    # the README's test command runs on both cores
             'tensorflow-cpu>=2.19',   # tfds mock_data, TFDS preparation; JAX 0.7's ml_dtypes
             'nbclient>=0.10',
             'nbformat>=5.10',

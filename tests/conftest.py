@@ -102,7 +102,8 @@ def numpy_vit_fn():
 
 
 # The longest files first: two pytest-xdist workers (the README's command)
-# each take a whole file at a time, so a long one started last runs alone.
+# each take a whole file at a time, in this order (--no-loadscope-reorder), so
+# that no long one starts last and runs alone.
 LONGEST_FILES = ('test_real_data.py', 'test_sweep.py', 'test_notebooks.py')
 
 
