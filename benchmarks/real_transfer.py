@@ -204,7 +204,7 @@ def print_memory_phases(run):
     print(f'  host memory{" of the " + part if part else ""} (GB resident / peak so far):')
     for r in records:
       now = '?' if r['resident_bytes'] is None else f'{r["resident_bytes"] / 1e9:.2f}'
-      print(f'    after {r["phase"]:<60} {now:>6} / {r["peak_bytes"] / 1e9:.2f}')
+      print(f"    after {r['phase']:<72} {now:>6} / {r['peak_bytes'] / 1e9:.2f}")
 
 
 def steady_images_per_sec(run_dir):
