@@ -203,8 +203,10 @@ def print_memory_phases(run):
   for part, records in run['host_memory'].items():
     print(f'  host memory{" of the " + part if part else ""} (GB resident / peak so far):')
     for r in records:
-      now = '?' if r['resident_bytes'] is None else f'{r["resident_bytes"] / 1e9:.2f}'
-      print(f"    after {r['phase']:<72} {now:>6} / {r['peak_bytes'] / 1e9:.2f}")
+      now = ('?' if r['resident_bytes'] is None
+             else f'{r["resident_bytes"] / host_memory.GB:.2f}')
+      print(f"    after {r['phase']:<72} {now:>6} / "
+            f"{r['peak_bytes'] / host_memory.GB:.2f}")
 
 
 def steady_images_per_sec(run_dir):

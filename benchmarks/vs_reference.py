@@ -28,7 +28,6 @@ memory analysis of the compiled step; nothing runs.
 import itertools
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -125,7 +124,7 @@ def our_point(batch_size, variant, tokens, steps, cache):
 
 
 def peak_rss_mb():
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB.
+  return host_memory.peak_bytes() / 2 ** 20
 
 
 def run_point(command, env=None):

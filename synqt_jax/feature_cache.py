@@ -167,8 +167,8 @@ class FeatureCache(abc.ABC):
     Same arguments and batches: {'kv': [D, b, L, 2, N, H, D/H] in the storage
     dtype, 'label': int32 [D, b], 'mask': float32 [D, b]}, from global step
     `start_step` on. In 'device' mode 'kv' is already on the devices, laid
-    out for `jax.pmap`. Cast 'kv' to the model's dtype in the step
-    (bfloat16 is a storage format: `kv.astype(vit.dtype)` before `apply_kv`).
+    out for `jax.pmap`. bfloat16 is a storage format: `apply_kv`'s query path
+    casts each block's K/V to the model's dtype as it reads them.
     """
     layout = input_pipeline.HostLayout.of(global_batch, process_index,
                                           process_count, local_device_count)

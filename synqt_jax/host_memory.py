@@ -64,9 +64,9 @@ def aligned_empty(shape, dtype, alignment=64):
   return buffer[start:start + size].view(dtype).reshape(shape)
 
 
-def aligned(x: np.ndarray, dtype=None) -> np.ndarray:
-  """`x` (as `dtype`) on a 64-byte boundary: itself if it is, else a copy."""
-  x = np.asarray(x, dtype)
+def aligned(x: np.ndarray) -> np.ndarray:
+  """`x` on a 64-byte boundary: itself if it is, else a copy."""
+  x = np.asarray(x)
   if x.ctypes.data % 64 == 0 and x.flags.c_contiguous:
     return x
   out = aligned_empty(x.shape, x.dtype)

@@ -220,10 +220,8 @@ def logits_of(method, params, frozen, batch, train, rngs=None):
   A batch holds 'image' (online: `method.apply`) or 'kv' (cached image-path
   K/V, `feature_cache`: `method.apply_kv`, which runs only the query path).
   """
-  if 'kv' in batch:
-    # bfloat16 is a storage format (train.cache_dtype): compute in the model's.
-    kv = batch['kv'].astype(method.vit.dtype)
-    return method.apply_kv(params, frozen, kv, train=train, rngs=rngs)
+  if 'kv' in batch:  # In train.cache_dtype: the query path casts each block's.
+    return method.apply_kv(params, frozen, batch['kv'], train=train, rngs=rngs)
   return method.apply(params, frozen, batch['image'], train=train, rngs=rngs)
 
 
