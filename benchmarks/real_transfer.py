@@ -10,7 +10,8 @@ Fashion-MNIST training set with a fixed seed and trained on together
 (train800val200, as VTAB-1k's final runs); the test set is all 10k test images.
 Every run is `launch.py --config configs/folder.py:<data>` with the VTAB-1k
 recipe (50 epochs, batch 64, AdamW 1e-3) in a fresh process, so its wall time
-and peak resident memory are its own. Methods: `linear`, `synqt` at each T
+and peak resident memory are its own. Methods: `linear` (trained from its
+host feature cache of pooled features: the same steps as online), `synqt` at each T
 online and from the host feature cache (`synqtT_cache`: the image path's
 stochastic depth is then off), `synqt_heldout` (T chosen by the VTAB-1k
 protocol: `launch.py sweep --select_on val200` over --heldout_tokens, each T
@@ -104,6 +105,8 @@ class Method:
 
   def overrides(self):
     flags_ = {'method': self.method}
+    if self.method == 'linear':  # Its cached features train exactly as online.
+      flags_['train.feature_cache'] = 'host'
     if self.method == 'synqt':
       if self.token_nums is not None:
         flags_['synqt.token_nums'] = self.token_nums

@@ -55,9 +55,9 @@ def get_config():
   # while its fingerprint matches: memory-mapped from there ('disk', for sets
   # larger than RAM) or sharded over the accelerators ('device'). Stochastic
   # depth on the image path is then off (the query path keeps
-  # synqt.drop_path). SynQT only.
+  # synqt.drop_path). SynQT, and linear (its pooled features: exactly online).
   # deferred_eval: keep the trainable parameters of each evaluation point and
-  # score them all at the end with one backbone pass (SynQT only).
+  # score them all at the end with one backbone pass (SynQT, linear).
   config.train = ml_collections.ConfigDict(dict(
       feature_cache='none', cache_dtype='float32', deferred_eval=False,
       log_every_steps=10))

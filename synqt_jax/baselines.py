@@ -57,7 +57,16 @@ class _ViTClassifier:
 
 @dataclasses.dataclass(frozen=True)
 class LinearProbe(_ViTClassifier):
-  """`trainable` = {'head'}; the backbone runs under `stop_gradient`."""
+  """`trainable` = {'head'}; the backbone runs under `stop_gradient`.
+
+  Nothing on its backbone path is stochastic, so a feature cache of the pooled
+  features (`image_kv`, `apply_kv`) trains exactly as online does.
+  """
+  cache_note = "the same steps as online (the linear probe's features have nothing stochastic)"
+
+  @property
+  def cache_row_shape(self):
+    return (self.vit.hidden_size,)
 
   def init(self, rng, frozen, images):
     del frozen, images  # The head's shape follows from the configs.
@@ -67,6 +76,15 @@ class LinearProbe(_ViTClassifier):
     del train, rngs  # Nothing stochastic.
     backbone = jax.lax.stop_gradient(frozen['backbone'])
     return self.logits(trainable['head'], backbone, images)
+
+  def image_kv(self, frozen, images):
+    """The pooled features (B, D) the head reads: what a feature cache stores."""
+    return models_vit.VisionTransformer(self.vit).apply(
+        {'params': frozen['backbone']}, images, 0.0, None, method=_pooled_features)
+
+  def apply_kv(self, trainable, frozen, features, train=False, rngs=None):
+    del frozen, train, rngs
+    return self.head.apply({'params': trainable['head']}, features.astype(self.vit.dtype))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -98,13 +98,10 @@ def validate(config) -> None:
          f'one of {tuple(feature_cache.STORAGE_DTYPES)}')
   _check(config, 'train.deferred_eval', lambda x: isinstance(x, bool),
          'True or False')
-  # Both read the image path's K/V apart from the query path.
-  kv_methods = tuple(name for name, entry in methods.REGISTRY.items()
-                     if entry.reads_cached_kv)
   _check(config, 'train.feature_cache',
          lambda x: x == 'none' or registered.reads_cached_kv,
-         f"'none' with method={method!r} (a feature cache serves {kv_methods} "
-         'only)')
+         f"'none' with method={method!r} (a feature cache serves "
+         f'{methods.CACHE_METHODS} only)')
   # A cache holds one fixed view per image; augmentation draws new ones.
   _check(config, 'train.feature_cache',
          lambda x: x == 'none' or
@@ -124,7 +121,7 @@ def validate(config) -> None:
   _check(config, 'train.deferred_eval',
          lambda x: not x or registered.reads_cached_kv,
          f'False with method={method!r} (deferred evaluation serves '
-         f'{kv_methods} only)')
+         f'{methods.CACHE_METHODS} only)')
   for name in ('train.log_every_steps', 'eval_every_epochs', 'eval_batch_size',
                'checkpoint_every_steps', 'keep_checkpoints'):
     _check(config, name, positive_int, 'a positive int')

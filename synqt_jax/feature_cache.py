@@ -7,7 +7,8 @@ pmapped over the local devices, with a progress bar) and `FeatureCache.batches`
 serves exactly the batches `input_pipeline.train_batches` would -- same order,
 same padding and mask, same [local_devices, per_device, ...] layout -- with
 'kv' (B, L, 2, N, H, D/H) in place of 'image'. A training step then runs only
-the query path (`methods.SynQT.apply_kv`).
+the query path (`methods.SynQT.apply_kv`). The linear probe caches its pooled
+features the same way (`baselines.LinearProbe`; 'kv' then holds (B, D)).
 
 Where the K/V live (`mode`):
   'host': a numpy array in host RAM.
@@ -99,7 +100,8 @@ def build(method, frozen, source: input_pipeline.Source, *, normalization: str,
   """The K/V cache of `source`: reused from `directory` when it matches, else built.
 
   Args:
-    method: a `methods.SynQT` (its `image_kv` computes the rows).
+    method: a `methods.SynQT` or `baselines.LinearProbe` (its `image_kv`
+      computes the rows).
     frozen: the frozen parameters replicated over the local devices, as the
       trainer holds them (`flax.jax_utils.replicate`).
     source: the training split, best in memory.
@@ -120,9 +122,7 @@ def build(method, frozen, source: input_pipeline.Source, *, normalization: str,
     raise ValueError("mode='disk' needs a directory for the cache file.")
   if directory is not None and fingerprint is None:
     raise ValueError('A cache kept in a directory needs a fingerprint.')
-  vit = method.vit
-  shape = (len(source) + 1, vit.num_layers, 2, vit.num_tokens, vit.num_heads,
-           vit.head_dim)
+  shape = (len(source) + 1,) + method.cache_row_shape
   dtype = STORAGE_DTYPES[storage_dtype]
   fill = functools.partial(_write_rows, method, frozen, source, normalization,
                            batch_size)

@@ -10,6 +10,12 @@ the optimizer) and computes logits from both:
 `frozen` is `{'backbone': <the checkpoint's tree>}` for every method; `rngs` maps
 Flax RNG streams ('dropout', 'drop_path') to keys in training.
 
+A method that trains from a feature cache (SynQT, the linear probe) also has
+`image_kv(frozen, images)`: what the cache stores per image (`cache_row_shape`:
+SynQT's per-block K/V, the probe's pooled features), `apply_kv(trainable,
+frozen, rows, ...)`: logits from those rows, and `cache_note`: how training on
+them differs from online training.
+
 `REGISTRY` lists every method by name (`config.method`) with the fields of its
 own config section `config.<name>`: the defaults configs/common.py sets, the
 checks config_validation.py runs and what an export keeps all come from them.
@@ -61,6 +67,15 @@ class SynQT:
                                                rngs)
     return self.model.apply({'params': {**trainable, **frozen}}, images,
                             train=train, rngs=rngs)
+
+  cache_note = ('stochastic depth on the image path is off (its K/V are computed '
+                'once, without it); the query path keeps its drop path '
+                '(config.synqt.drop_path) as configured')
+
+  @property
+  def cache_row_shape(self):
+    vit = self.vit
+    return (vit.num_layers, 2, vit.num_tokens, vit.num_heads, vit.head_dim)
 
   def image_kv(self, frozen, images):
     """The per-block K/V of `images` (B, L, 2, N, H, D/H): what a feature cache stores."""
@@ -164,6 +179,8 @@ REGISTRY = {
     'full': Registered(baselines.FullFineTune, fields=(_drop_path(0.1),)),
 }
 METHODS = tuple(REGISTRY)
+# Those that train from a feature cache and score by deferred evaluation.
+CACHE_METHODS = tuple(name for name, entry in REGISTRY.items() if entry.reads_cached_kv)
 # bfloat16 halves the activations' memory; the parameters stay float32.
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 

@@ -122,7 +122,7 @@ def check_grid(config, grid) -> None:
   method = config.method
   if not methods.registered(method).reads_cached_kv:
     raise SweepError(f'A sweep needs a method whose image path it can share '
-                     f'(synqt); config.method is {method!r}.')
+                     f'{methods.CACHE_METHODS}; config.method is {method!r}.')
   for field, values in grid.items():
     section, _, name = field.rpartition('.')
     sweepable = (field == 'seed' or section == method or

@@ -14,11 +14,12 @@ eight GPUs and a pod slice. Everything random is a function of (seed, step),
 and the workdir's checkpoints hold the whole training state, so running again
 on the same workdir resumes exactly where the last checkpoint left off.
 
-With `train.feature_cache` (SynQT only) the training split's image-path K/V
-are computed once (`feature_cache.build`, kept in <workdir>/feature_cache/ and
-reused while their fingerprint matches) and every step runs only the query
-path on cached batches; the batches depend only on (seed, step), as online.
-With `train.deferred_eval` (SynQT only) the trainable parameters of each
+With `train.feature_cache` (SynQT, linear) the training split's image-path K/V
+(the linear probe's: its pooled features) are computed once
+(`feature_cache.build`, kept in <workdir>/feature_cache/ and reused while their
+fingerprint matches) and every step runs only the query path (the head) on
+cached batches; the batches depend only on (seed, step), as online.
+With `train.deferred_eval` (SynQT, linear) the trainable parameters of each
 evaluation point are kept (<workdir>/deferred_eval/*.npz, listed in the
 checkpoint metadata) and scored together at the end with one backbone pass
 per evaluation split (`deferred_eval.evaluate`): same accuracies, same
@@ -303,11 +304,8 @@ def open_feature_cache(config, workdir, method, frozen, p_frozen, data):
   in <workdir>/feature_cache/ (a local directory for a remote workdir:
   workdir.local_directory).
   """
-  logging.info(
-      "Feature cache '%s' (%s): stochastic depth on the image path is off "
-      '(its K/V are computed once, without it); the query path keeps its '
-      'drop path (config.%s.drop_path) as configured.',
-      config.train.feature_cache, config.train.cache_dtype, config.method)
+  logging.info("Feature cache '%s' (%s): %s.", config.train.feature_cache,
+               config.train.cache_dtype, method.cache_note)
   kept = config.train.feature_cache != 'host'
   cache = feature_cache.build(
       method, p_frozen, data.train, normalization=config.data.normalization,

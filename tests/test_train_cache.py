@@ -169,11 +169,26 @@ def test_invalid_values_are_rejected_naming_the_field(field, value):
 
 @pytest.mark.parametrize('field,value', [('train.feature_cache', 'host'),
                                          ('train.deferred_eval', True)])
-def test_cache_and_deferred_eval_need_synqt(field, value):
-  config = tiny_config(**{'method': 'linear', field: value})
+def test_cache_and_deferred_eval_need_a_method_that_reads_them(field, value):
+  config = tiny_config(**{'method': 'lora', field: value})
   with pytest.raises(config_validation.ConfigError,
-                     match=f"config.{field}=.*'synqt'"):
+                     match=f"config.{field}=.*'linear', 'synqt'"):
     config_validation.validate(config)
+
+
+def test_linear_probe_from_its_feature_cache_trains_exactly_as_online(tmp_path):
+  """Its pooled features have nothing stochastic: same losses, head and scores."""
+  online, cached = tmp_path / 'online', tmp_path / 'cached'
+  run(online, method='linear')
+  run(cached, **{'method': 'linear', 'train.feature_cache': 'host',
+                 'train.deferred_eval': True})
+  assert len(losses(cached)) == 42
+  np.testing.assert_allclose(losses(cached), losses(online), rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6),
+               final_params(cached), final_params(online))
+  assert (read_results(cached)['evaluations'] ==
+          read_results(online)['evaluations'])
+  assert read_results(cached)['test_accuracy'] == read_results(online)['test_accuracy']
 
 
 def test_defaults_are_valid_and_image_path_memory_reaches_the_method(tmp_path):
