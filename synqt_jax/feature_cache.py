@@ -38,6 +38,7 @@ import functools
 import hashlib
 import itertools
 import json
+import math
 import os
 from typing import Any, Iterator
 
@@ -58,6 +59,7 @@ STORAGE_DTYPES = {'float32': np.dtype(np.float32),
                   'bfloat16': np.dtype(jnp.bfloat16)}
 AXIS = 'feature_cache'  # The pmapped axis of building and gathering.
 DEVICE_COPY_ROWS = 64  # Rows a device cache copies from host to device at a time.
+BUILD_BYTES_PER_DEVICE = 1 << 27  # One build step's K/V per device (`build_batch_size`).
 
 
 def backbone_digest(frozen) -> str:
@@ -108,7 +110,8 @@ def build(method, frozen, source: input_pipeline.Source, *, normalization: str,
     normalization: the data config's normalization.
     mode: 'host', 'disk' or 'device' (module docstring).
     storage_dtype: 'float32' (bit-exact) or 'bfloat16' (half the memory).
-    batch_size: images per build step, a multiple of the local device count.
+    batch_size: images per build step, a multiple of the local device count;
+      fewer where one step's rows would pass BUILD_BYTES_PER_DEVICE.
     directory: where the cache is kept and reused; required for 'disk'.
     name: file stem in `directory` (e.g. the split).
     fingerprint: `fingerprint(...)` of the inputs; required with `directory`.
@@ -124,6 +127,8 @@ def build(method, frozen, source: input_pipeline.Source, *, normalization: str,
     raise ValueError('A cache kept in a directory needs a fingerprint.')
   shape = (len(source) + 1,) + method.cache_row_shape
   dtype = STORAGE_DTYPES[storage_dtype]
+  batch_size = build_batch_size(batch_size, math.prod(shape[1:]) * 4,  # As computed.
+                                jax.local_device_count())
   fill = functools.partial(_write_rows, method, frozen, source, normalization,
                            batch_size)
   if directory is None:
@@ -142,6 +147,18 @@ def build(method, frozen, source: input_pipeline.Source, *, normalization: str,
   if mode == 'host' and isinstance(kv, np.memmap):
     kv = np.array(kv)
   return HostFeatureCache(kv, labels, provenance)
+
+
+def build_batch_size(batch_size, row_bytes, devices):
+  """`batch_size` or fewer, so that one build step's rows fit BUILD_BYTES_PER_DEVICE.
+
+  A step's K/V exist about three times over while it runs (computed, laid out
+  per image, and the previous step's awaiting their copy), on top of the cache
+  itself: ViT-S/14 at 112 px makes 2.4 MB an image, so 256 images would add
+  ~1.8 GB. A multiple of `devices`, at least one row per device.
+  """
+  per_device = max(1, min(batch_size // devices, BUILD_BYTES_PER_DEVICE // row_bytes))
+  return per_device * devices
 
 
 class FeatureCache(abc.ABC):

@@ -203,6 +203,31 @@ def test_device_cache_is_filled_a_few_rows_at_a_time(setup, tmp_path, monkeypatc
   assert_same_batches(take(cache.batches(BATCH, seed=SEED), 2), expected)
 
 
+def test_build_steps_are_bounded_in_bytes_and_build_the_same_rows(setup, monkeypatch):
+  """Rows of 3 images' K/V at a time, padding row included, equal one big batch's
+  (to round-off: XLA:CPU blocks a matmul by its batch)."""
+  method, _, _, _ = setup
+  row_bytes = 4 * int(np.prod(method.cache_row_shape))
+  expected = build(setup, mode='host')
+  monkeypatch.setattr(feature_cache, 'BUILD_BYTES_PER_DEVICE', 3 * row_bytes + 1)
+  steps = []
+  image_kv = feature_cache._pmapped_image_kv
+  monkeypatch.setattr(feature_cache, '_pmapped_image_kv', lambda *a: (
+      lambda frozen, images: steps.append(images.shape[1]) or image_kv(*a)(frozen, images)))
+  cache = build(setup, mode='host')
+  assert steps == [3] * 14  # 41 rows (40 + padding) in steps of 3.
+  np.testing.assert_allclose(cache.kv, expected.kv, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(cache.labels, expected.labels)
+
+
+def test_build_batch_size_keeps_a_multiple_of_the_devices():
+  mb = 2 ** 20
+  assert feature_cache.build_batch_size(256, 2.4 * mb, 1) == 53  # ViT-S/14 at 112 px.
+  assert feature_cache.build_batch_size(256, 14.5 * mb, 8) == 64  # ViT-B/16 at 224.
+  assert feature_cache.build_batch_size(256, 0.1 * mb, 8) == 256  # Small rows: as asked.
+  assert feature_cache.build_batch_size(256, 500 * mb, 4) == 4  # One row per device.
+
+
 @pytest.mark.parametrize('mode', ['host', 'disk'])
 def test_host_batches_reach_the_cpu_device_without_a_copy(setup, tmp_path, mode):
   """64-byte aligned K/V: XLA:CPU reads them in place (a copy cost ~25% of a step)."""
