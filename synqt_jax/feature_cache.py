@@ -149,6 +149,14 @@ def build(method, frozen, source: input_pipeline.Source, *, normalization: str,
   return HostFeatureCache(kv, labels, provenance)
 
 
+def batch_spec(global_batch: int, row_shape: tuple[int, ...], storage_dtype: str):
+  """`input_pipeline.train_batch_spec` of `FeatureCache.batches`: 'kv' for 'image'."""
+  spec = input_pipeline.train_batch_spec(global_batch, image_size=1)
+  per_device = spec.pop('image').shape[:2]
+  return {'kv': jax.ShapeDtypeStruct(per_device + tuple(row_shape),
+                                     STORAGE_DTYPES[storage_dtype]), **spec}
+
+
 def build_batch_size(batch_size, row_bytes, devices):
   """`batch_size` or fewer, so that one build step's rows fit BUILD_BYTES_PER_DEVICE.
 
@@ -178,14 +186,15 @@ class FeatureCache(abc.ABC):
               num_steps: int | None = None, process_index: int | None = None,
               process_count: int | None = None,
               local_device_count: int | None = None,
-              prefetch: int = 2) -> Iterator[dict[str, Any]]:
+              prefetch: int = 1) -> Iterator[dict[str, Any]]:
     """`input_pipeline.train_batches` of the cached split, with 'kv' for 'image'.
 
     Same arguments and batches: {'kv': [D, b, L, 2, N, H, D/H] in the storage
     dtype, 'label': int32 [D, b], 'mask': float32 [D, b]}, from global step
     `start_step` on. In 'device' mode 'kv' is already on the devices, laid
     out for `jax.pmap`. bfloat16 is a storage format: `apply_kv`'s query path
-    casts each block's K/V to the model's dtype as it reads them.
+    casts each block's K/V to the model's dtype as it reads them. One batch
+    is gathered ahead (`prefetch`): each is batch x the cache's row bytes.
     """
     layout = input_pipeline.HostLayout.of(global_batch, process_index,
                                           process_count, local_device_count)

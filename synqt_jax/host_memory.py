@@ -2,8 +2,8 @@
 
 A run's peak resident memory is one number (`/usr/bin/time -f %M`); the phases
 say which part of the run reached it: loading the data and the backbone,
-building a feature cache, compiling the first step, training, evaluating. Each
-phase is logged as it ends and the run writes them all to
+compiling the train step, building a feature cache, the first step, training,
+evaluating. Each phase is logged as it ends and the run writes them all to
 `<workdir>/host_memory.json`, which benchmarks/real_transfer.py prints.
 
 On a CPU device, a host array that starts on a 64-byte boundary becomes the
@@ -44,6 +44,7 @@ class Phases:
 
   def mark(self, phase: str) -> None:
     now, peak = resident_bytes(), peak_bytes()
+    peak = max(peak, now or 0)  # The kernel's peak lags the resident count a little.
     self.records.append({'phase': phase, 'resident_bytes': now, 'peak_bytes': peak})
     shown = 'unknown' if now is None else f'{now / GB:.2f} GB'
     logging.info('Host memory after %s: %s resident, %.2f GB peak so far.',

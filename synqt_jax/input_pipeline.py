@@ -674,6 +674,20 @@ class HostLayout:
             for k, v in arrays.items()}
 
 
+def train_batch_spec(global_batch: int, image_size: int) -> Batch:
+  """What each of `train_batches`' batches is, as jax.ShapeDtypeStruct leaves.
+
+  So that the train step compiles before any data (or feature cache) exists.
+  """
+  layout = HostLayout.of(global_batch)
+  rows = layout.host_rows.stop - layout.host_rows.start
+  per_device = (layout.local_device_count, rows // layout.local_device_count)
+  return {'image': jax.ShapeDtypeStruct(per_device + (image_size, image_size, 3),
+                                        np.float32),
+          'label': jax.ShapeDtypeStruct(per_device, np.int32),
+          'mask': jax.ShapeDtypeStruct(per_device, np.float32)}
+
+
 def _host_batch(examples, size, indices, layout, normalization, pool):
   """`examples`: index -> (uint8 [size, size, 3] image, label)."""
   images = np.zeros((len(indices), size, size, 3), np.uint8)
@@ -687,28 +701,31 @@ def _host_batch(examples, size, indices, layout, normalization, pool):
 
 
 def prefetched(iterator, size: int):
-  """Runs `iterator` in a background thread, up to `size` items ahead."""
-  buffer = queue.Queue(maxsize=max(size, 1))
+  """Runs `iterator` in a background thread, at most `size` items ahead.
+
+  An item is made only while fewer than `size` wait (queued or being made):
+  with the one the caller holds, at most `size` + 1 exist (a feature cache's
+  batch of K/V can be 150 MB).
+  """
+  buffer = queue.Queue()
+  slots = threading.Semaphore(max(size, 1))
   stopped = threading.Event()
   end = object()
 
-  def put(item) -> bool:
-    while not stopped.is_set():
-      try:
-        buffer.put(item, timeout=0.1)
-        return True
-      except queue.Full:
-        pass
-    return False
-
   def produce():
     try:
-      for item in iterator:
-        if not put((item, None)):
+      while True:
+        while not slots.acquire(timeout=0.1):
+          if stopped.is_set():
+            return
+        if stopped.is_set():
           return
-      put((end, None))
+        item = next(iterator, end)
+        buffer.put((item, None))
+        if item is end:
+          return
     except Exception as e:  # pylint: disable=broad-except
-      put((None, e))
+      buffer.put((None, e))
     finally:
       iterator.close()
 
@@ -717,6 +734,7 @@ def prefetched(iterator, size: int):
   try:
     while True:
       item, error = buffer.get()
+      slots.release()
       if error is not None:
         raise error
       if item is end:

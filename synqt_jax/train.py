@@ -36,6 +36,7 @@ import functools
 import inspect
 import os
 import signal
+import time
 from typing import Any
 
 from absl import logging
@@ -265,6 +266,32 @@ def train_step(state, frozen, batch, learning_rate_fn):
   loss, grads = gradients(state.method, state.params, state.rng, state.step,
                           frozen, batch)
   return apply_update(state, loss, grads, learning_rate_fn)
+
+
+def compile_train_step(config, method, schedule, state, frozen, image_size):
+  """The pmapped `train_step`, compiled for the run's host trees before any is placed.
+
+  Compiling holds host memory that is freed afterwards (~0.6 GB for a ViT-B
+  step on a CPU): done first, it does not stack on the backbone, the state
+  and a feature cache. Over several processes pmap lowers concrete arrays
+  only: there it compiles at its first call.
+  """
+  step = jax.pmap(functools.partial(train_step, learning_rate_fn=schedule),
+                  axis_name=AXIS, donate_argnums=(0,))
+  if jax.process_count() > 1:
+    return step
+  if config.train.feature_cache == 'none':
+    batch = input_pipeline.train_batch_spec(config.optim.batch_size, image_size)
+  else:
+    batch = feature_cache.batch_spec(config.optim.batch_size, method.cache_row_shape,
+                                     config.train.cache_dtype)
+  devices = jax.local_device_count()
+  replicated = functools.partial(jax.tree.map, lambda x: jax.ShapeDtypeStruct(
+      (devices,) + np.shape(x), np.asarray(x).dtype))
+  start = time.perf_counter()
+  compiled = step.lower(replicated(state), replicated(frozen), batch).compile()
+  logging.info('Compiled the train step in %.1f s.', time.perf_counter() - start)
+  return compiled
 
 
 def eval_step(method, params, frozen, batch):
@@ -619,6 +646,10 @@ def run(config, workdir):
         Checkpointing(config, workdir, data.total_steps, schedule))
     state, history = checkpoints.restore(state)
     start_step = int(state.step)
+    p_train_step = compile_train_step(config, method, schedule, state, frozen,
+                                      data.train.image_size)
+    host_memory.return_freed()
+    memory.mark('compiling the train step')
     p_state, p_frozen = replicate(state), replicate(frozen)
     batches = stack.enter_context(contextlib.closing(open_train_batches(
         config, workdir, method, frozen, p_frozen, data, start_step)))
@@ -637,9 +668,6 @@ def run(config, workdir):
             check=checkpoints.check_finite)))
     evaluator = create_evaluator(config, workdir, method, p_frozen, data, log,
                                  history)
-    p_train_step = jax.pmap(
-        functools.partial(train_step, learning_rate_fn=schedule),
-        axis_name=AXIS, donate_argnums=(0,))
     checkpoints.catch_sigterm()
 
     for step in range(start_step + 1, data.total_steps + 1):  # Updates done.
@@ -647,7 +675,7 @@ def run(config, workdir):
       if step == start_step + 1:
         jax.block_until_ready(metrics)
         host_memory.return_freed()
-        memory.mark('compiling and running the first step')
+        memory.mark('running the first step')
       step_metrics.add(step, metrics)
       if step % config.train.log_every_steps == 0:
         step_metrics.write()

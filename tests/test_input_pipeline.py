@@ -375,3 +375,34 @@ def test_tfds_dataset_prepared_as_tfrecord_says_how_to_convert(tmp_path):
                      match=f'tfds convert_format --dataset_version_dir='
                      f'{tmp_path}/dtd/3.0.1 --out_file_format=array_record'):
     input_pipeline.load_source(config, 'test')
+
+
+@pytest.mark.parametrize('size', [1, 2])
+def test_prefetched_makes_at_most_size_items_ahead(size):
+  """Items are large (a cached batch of K/V): none is made beyond `size` ahead."""
+  made = []
+
+  def items():
+    for i in range(6):
+      made.append(i)
+      yield i
+
+  taken = []
+  stream = input_pipeline.prefetched(items(), size)
+  for item in stream:
+    taken.append(item)
+    threading.Event().wait(0.3)  # Time for the thread to run ahead if it could.
+    assert len(made) <= len(taken) + size
+  assert taken == list(range(6))
+
+
+def test_prefetched_raises_the_iterators_error_and_stops_when_closed():
+  def failing():
+    yield 0
+    raise OSError('unreadable image')
+
+  with pytest.raises(OSError, match='unreadable image'):
+    list(input_pipeline.prefetched(failing(), 2))
+  stream = input_pipeline.prefetched(itertools.count(), 2)
+  assert next(stream) == 0
+  stream.close()  # Joins the thread: it must not wait for a free slot forever.
