@@ -205,7 +205,7 @@ def phases(run_dir):
 
 def print_memory_phases(run):
   """Where a run's peak resident memory was reached, phase by phase."""
-  for part, records in run['host_memory'].items():
+  for part, records in run.get('host_memory', {}).items():  # Older runs: none.
     print(f'  host memory{" of the " + part if part else ""} (GB resident / peak so far):')
     for r in records:
       now = ('?' if r['resident_bytes'] is None
