@@ -445,3 +445,15 @@ def test_recompute_mode_has_the_same_gradients_and_less_memory(batch):
 def test_memory_mode_is_checked():
   with pytest.raises(ValueError, match='image_path_memory'):
     synqt.SynQTConfig(num_classes=2, image_path_memory='offload')
+
+
+def test_batch_specs_are_the_batches_shapes(setup):
+  """What the train step is compiled for before any batch exists (train.compile_train_step)."""
+  method, _, _, source = setup
+  shapes = lambda batch: {k: (v.shape, np.dtype(v.dtype)) for k, v in batch.items()}
+  online = next(input_pipeline.train_batches(source, BATCH, seed=SEED,
+                                             normalization=NORMALIZATION))
+  assert shapes(input_pipeline.train_batch_spec(BATCH, 32)) == shapes(online)
+  for dtype in ('float32', 'bfloat16'):
+    cached = next(build(setup, mode='host', storage_dtype=dtype).batches(BATCH, seed=SEED))
+    assert shapes(feature_cache.batch_spec(BATCH, method.cache_row_shape, dtype)) == shapes(cached)
