@@ -646,6 +646,9 @@ def run(config, workdir):
         Checkpointing(config, workdir, data.total_steps, schedule))
     state, history = checkpoints.restore(state)
     start_step = int(state.step)
+    # From here a SIGTERM (also while compiling, or building a cache) ends the
+    # run saved after its next step.
+    checkpoints.catch_sigterm()
     p_train_step = compile_train_step(config, method, schedule, state, frozen,
                                       data.train.image_size)
     host_memory.return_freed()
@@ -668,7 +671,6 @@ def run(config, workdir):
             check=checkpoints.check_finite)))
     evaluator = create_evaluator(config, workdir, method, p_frozen, data, log,
                                  history)
-    checkpoints.catch_sigterm()
 
     for step in range(start_step + 1, data.total_steps + 1):  # Updates done.
       p_state, metrics = p_train_step(p_state, p_frozen, next(batches))

@@ -403,6 +403,6 @@ def test_prefetched_raises_the_iterators_error_and_stops_when_closed():
 
   with pytest.raises(OSError, match='unreadable image'):
     list(input_pipeline.prefetched(failing(), 2))
-  stream = input_pipeline.prefetched(itertools.count(), 2)
+  stream = input_pipeline.prefetched((i for i in itertools.count()), 2)
   assert next(stream) == 0
   stream.close()  # Joins the thread: it must not wait for a free slot forever.

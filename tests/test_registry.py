@@ -44,7 +44,7 @@ def test_every_registered_method_is_built_by_name(name, cls):
   config_validation.validate(config)
   method = methods.from_config(config, VIT)
   assert isinstance(method, cls)
-  assert methods.REGISTRY[name].reads_cached_kv == (name == 'synqt')
+  assert methods.REGISTRY[name].reads_cached_kv == (name in ('linear', 'synqt'))
 
 
 def test_an_unknown_method_is_one_clear_error():
