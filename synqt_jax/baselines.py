@@ -47,12 +47,16 @@ class _ViTClassifier:
     features = jnp.zeros((1, self.vit.hidden_size), self.vit.dtype)
     return self.head.init(rng, features)['params']
 
-  def logits(self, head, backbone, images, drop_rate=0.0, rngs=None):
-    """Head on the pooled tokens of `images` run through `backbone` (a checkpoint tree)."""
+  def features(self, backbone, images, drop_rate=0.0, rngs=None):
+    """The pooled tokens of `images` run through `backbone` (a checkpoint tree)."""
     rng = rngs['drop_path'] if drop_rate > 0 else None
-    features = models_vit.VisionTransformer(self.vit).apply(
+    return models_vit.VisionTransformer(self.vit).apply(
         {'params': backbone}, images, drop_rate, rng, method=_pooled_features)
-    return self.head.apply({'params': head}, features)
+
+  def logits(self, head, backbone, images, drop_rate=0.0, rngs=None):
+    """Head on the pooled tokens of `images` run through `backbone`."""
+    return self.head.apply({'params': head},
+                           self.features(backbone, images, drop_rate, rngs))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +83,7 @@ class LinearProbe(_ViTClassifier):
 
   def image_kv(self, frozen, images):
     """The pooled features (B, D) the head reads: what a feature cache stores."""
-    return models_vit.VisionTransformer(self.vit).apply(
-        {'params': frozen['backbone']}, images, 0.0, None, method=_pooled_features)
+    return self.features(frozen['backbone'], images)
 
   def apply_kv(self, trainable, frozen, features, train=False, rngs=None):
     del frozen, train, rngs

@@ -151,10 +151,9 @@ def build(method, frozen, source: input_pipeline.Source, *, normalization: str,
 
 def batch_spec(global_batch: int, row_shape: tuple[int, ...], storage_dtype: str):
   """`input_pipeline.train_batch_spec` of `FeatureCache.batches`: 'kv' for 'image'."""
-  spec = input_pipeline.train_batch_spec(global_batch, image_size=1)
-  per_device = spec.pop('image').shape[:2]
-  return {'kv': jax.ShapeDtypeStruct(per_device + tuple(row_shape),
-                                     STORAGE_DTYPES[storage_dtype]), **spec}
+  return input_pipeline.train_batch_spec(
+      global_batch, image_size=None,
+      inputs=('kv', row_shape, STORAGE_DTYPES[storage_dtype]))
 
 
 def build_batch_size(batch_size, row_bytes, devices):

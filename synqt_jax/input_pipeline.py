@@ -42,7 +42,7 @@ import itertools
 import os
 import queue
 import threading
-from typing import Iterator
+from typing import Any, Iterator
 
 import jax
 import ml_collections
@@ -674,16 +674,19 @@ class HostLayout:
             for k, v in arrays.items()}
 
 
-def train_batch_spec(global_batch: int, image_size: int) -> Batch:
+def train_batch_spec(global_batch: int, image_size: int | None, *,
+                     inputs: tuple[str, tuple[int, ...], Any] | None = None) -> Batch:
   """What each of `train_batches`' batches is, as jax.ShapeDtypeStruct leaves.
 
   So that the train step compiles before any data (or feature cache) exists.
+  `inputs`: (name, per-example shape, dtype) in place of the float32 'image'
+  (a feature cache's 'kv').
   """
   layout = HostLayout.of(global_batch)
   rows = layout.host_rows.stop - layout.host_rows.start
   per_device = (layout.local_device_count, rows // layout.local_device_count)
-  return {'image': jax.ShapeDtypeStruct(per_device + (image_size, image_size, 3),
-                                        np.float32),
+  name, shape, dtype = inputs or ('image', (image_size, image_size, 3), np.float32)
+  return {name: jax.ShapeDtypeStruct(per_device + tuple(shape), dtype),
           'label': jax.ShapeDtypeStruct(per_device, np.int32),
           'mask': jax.ShapeDtypeStruct(per_device, np.float32)}
 
