@@ -49,21 +49,21 @@ def learning_rate_schedule():
   return train.learning_rate_schedule(common_config.get_config().optim, STEPS_PER_EPOCH)
 
 
-def random_backbone(vit, seed=0):
+def random_backbone(vit, seed=0, dtype=jnp.float32):
   """A random headless backbone tree of `vit`'s size, in the checkpoint layout.
 
-  Held as `checkpoint.load` holds a file's (`checkpoint.host_tree`), so that
-  the process holds the backbone once, as the trainer's does.
+  Held as `checkpoint.load` holds a file's (`checkpoint.host_tree`), in
+  `dtype`, so that the process holds the backbone once, as the trainer's does.
   """
   flat = random_vit.make(vit.hidden_size, vit.num_layers, vit.num_heads, vit.mlp_dim,
                          vit.patch_size, vit.image_size, classes=1, pre_logits=False,
                          seed=seed)
   del flat['head/kernel'], flat['head/bias']
-  return checkpoint.host_tree(flat)
+  return checkpoint.host_tree(flat, dtype)
 
 
-def backbone_shapes(vit):
-  return checkpoint.nest({k: jax.ShapeDtypeStruct(shape, jnp.float32)
+def backbone_shapes(vit, dtype=jnp.float32):
+  return checkpoint.nest({k: jax.ShapeDtypeStruct(shape, dtype)
                           for k, shape in checkpoint.expected_shapes(vit).items()})
 
 
@@ -87,13 +87,15 @@ def method_inputs(name, vit, batch_size, num_classes=NUM_CLASSES, abstract=True,
   """`(state, frozen, batch)` for `train.train_step`, each with a leading device axis.
 
   Full fine-tuning holds the backbone once, in its trainable state. The
-  method's options come from `config` (default: configs/common.py's).
+  method's options and the backbone's dtype come from `config` (default:
+  configs/common.py's).
   """
-  method = methods.create(name, vit, num_classes,
-                          config or common_config.get_config())
+  config = config or common_config.get_config()
+  method = methods.create(name, vit, num_classes, config)
+  dtype = methods.DTYPES[config.backbone_dtype]
   # A CPU device takes the aligned host arrays in place: held once.
-  frozen = {'backbone': backbone_shapes(vit) if abstract else
-            jax.device_put(random_backbone(vit), jax.local_devices()[0])}
+  frozen = {'backbone': backbone_shapes(vit, dtype) if abstract else
+            jax.device_put(random_backbone(vit, dtype=dtype), jax.local_devices()[0])}
   state = initial_state(method, frozen, abstract)
   frozen = {k: v for k, v in frozen.items() if k not in state.params}  # As train.py.
   s = vit.image_size

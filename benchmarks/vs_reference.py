@@ -9,7 +9,8 @@ alternating at each batch size: the reference (benchmarks/reference_step.py
 importing the reference's own synqt.py, from a fetched copy of the public
 repository GitHub taolinzhang/SynQT), then this project's `train.train_step`
 (the trainer's pmapped step) in each image-path memory mode, and keep_kv
-with bfloat16 K/V (synqt.kv_dtype). Per point:
+with bfloat16 K/V (synqt.kv_dtype) or with the frozen backbone held in
+bfloat16 (backbone_dtype). Per point:
 images per second (median step after a warm-up step), seconds to compile,
 and the peak resident memory of the whole process (ru_maxrss). A last run
 repeats keep_kv at the first batch size with the persistent compilation
@@ -56,10 +57,13 @@ _COMPILE_ONLY = flags.DEFINE_bool(
 _WORKER = flags.DEFINE_string('worker', None, 'Internal: BATCH:MEMORY, one point.')
 _CACHE = flags.DEFINE_string('cache', None, 'Internal: the compilation cache.')
 
-# Our points: name -> config.synqt fields.
-VARIANTS = {'keep_kv': {'image_path_memory': 'keep_kv'},
-            'keep_kv_bf16kv': {'image_path_memory': 'keep_kv', 'kv_dtype': 'bfloat16'},
-            'recompute': {'image_path_memory': 'recompute'}}
+# Our points: name -> config fields.
+VARIANTS = {'keep_kv': {'synqt.image_path_memory': 'keep_kv'},
+            'keep_kv_bf16kv': {'synqt.image_path_memory': 'keep_kv',
+                               'synqt.kv_dtype': 'bfloat16'},
+            'keep_kv_bf16backbone': {'synqt.image_path_memory': 'keep_kv',
+                                     'backbone_dtype': 'bfloat16'},
+            'recompute': {'synqt.image_path_memory': 'recompute'}}
 REFERENCE_STEP = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                               'reference_step.py')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,7 +100,9 @@ def our_point(batch_size, variant, tokens, steps, cache):
   compiles = compilation_cache.CompileCount()
   config = common_config.get_config()
   config.synqt.token_nums = tokens
-  config.synqt.update(VARIANTS[variant])
+  for field, value in VARIANTS[variant].items():
+    section, _, name = field.rpartition('.')
+    (config[section] if section else config)[name] = value
   inputs = common.method_inputs('synqt', common.VIT_B16, batch_size,
                                 abstract=_COMPILE_ONLY.value, config=config)
   rss_inputs = peak_rss_mb()

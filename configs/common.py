@@ -68,6 +68,10 @@ def get_config():
   config.seed = 42
   # Activations (one of methods.DTYPES); 'bfloat16' halves their memory.
   config.dtype = 'float32'
+  # The frozen backbone's weights on the devices (one of methods.DTYPES):
+  # 'bfloat16' halves them, rounded once at load; they compute in `dtype`.
+  # Not with method='full', whose backbone is the trainable state.
+  config.backbone_dtype = 'float32'
   config.tensorboard = True
   # 'module.function' called with the resolved config before the run reads
   # its backbone and data (tiny.py: synqt_jax.demo.prepare writes them).

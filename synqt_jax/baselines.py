@@ -13,6 +13,7 @@ As in `methods`, `frozen` is `{'backbone': <the checkpoint's tree>}`; `rngs` has
 'drop_path' key in training (a 'dropout' key is accepted and unused).
 """
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -97,6 +98,7 @@ class FullFineTune(_ViTClassifier):
   `init` copies the pre-trained `frozen['backbone']` into `trainable`; `apply`
   ignores `frozen`, so callers can pass `{}` and hold the backbone only once.
   """
+  trains_backbone: ClassVar[bool] = True  # Its weights stay float32 (backbone_dtype).
   drop_path: float = 0.1
 
   def init(self, rng, frozen, images):

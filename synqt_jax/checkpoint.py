@@ -342,11 +342,11 @@ def nest(flat, consume=False):
       {tuple(k.split('/')): v for k, v in scanned(flat, consume).items()})
 
 
-def host_tree(flat):
-  """`nest(flat)` of host arrays, consuming `flat`, every leaf float32 and 64-byte
+def host_tree(flat, dtype=np.float32):
+  """`nest(flat)` of host arrays, consuming `flat`, every leaf in `dtype` and 64-byte
   aligned: what a CPU device takes in place, so the backbone is held once."""
   for k, v in flat.items():
-    flat[k] = np.asarray(v, np.float32)
+    flat[k] = np.asarray(v, dtype)
   return jax.tree.map(host_memory.aligned, nest(flat, consume=True))
 
 
@@ -485,7 +485,8 @@ def _resized_posemb(posemb, config, method):
 
 
 def load(source, image_size=None, collection='imagenet21k', cache_dir=None,
-         headless=False, posemb_resize=None, **config_overrides):
+         headless=False, posemb_resize=None, storage_dtype=np.float32,
+         **config_overrides):
   """Loads a ViT checkpoint: returns `(ViTConfig, params)` with params in the file's tree.
 
   Args:
@@ -498,6 +499,8 @@ def load(source, image_size=None, collection='imagenet21k', cache_dir=None,
       backbones that only feed a new task head.
     posemb_resize: how to resize the position embedding (POSEMB_RESIZE); None:
       the method the file records (converted DINOv2: 'bicubic'), else 'bilinear'.
+    storage_dtype: what the parameters are held in (rounded once the position
+      embedding is resized); the model computes in its activation dtype.
     config_overrides: `ViTConfig` fields such as `dtype` or `approximate_gelu`.
   """
   path = resolve(source, collection, cache_dir)
@@ -513,7 +516,7 @@ def load(source, image_size=None, collection='imagenet21k', cache_dir=None,
   if headless:
     config = dataclasses.replace(config, representation_size=None, num_classes=None)
     flat = {k: v for k, v in flat.items() if not k.startswith(('pre_logits/', 'head/'))}
-  return config, host_tree(flat)
+  return config, host_tree(flat, storage_dtype)
 
 
 def digest(flat: Mapping[str, np.ndarray]) -> str:

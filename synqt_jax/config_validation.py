@@ -128,6 +128,12 @@ def validate(config) -> None:
   _check(config, 'seed', lambda x: is_int(x) and x >= 0, 'an int >= 0')
   _check(config, 'dtype', lambda x: x in methods.DTYPES,
          f'one of {tuple(methods.DTYPES)}')
+  _check(config, 'backbone_dtype', lambda x: x in methods.DTYPES,
+         f'one of {tuple(methods.DTYPES)}')
+  _check(config, 'backbone_dtype',
+         lambda x: x == 'float32' or not registered.trains_backbone,
+         f"'float32' with method={method!r} (it trains the backbone: its "
+         "weights are the trainable state, kept in float32)")
   _check(config, 'tensorboard', lambda x: isinstance(x, bool), 'True or False')
   _check(config, 'prepare',
          lambda x: x is None or config_fields.function(x) is not None,

@@ -3,7 +3,7 @@
 An export is an `.npz` holding the trainable parameters under their flat
 '/'-joined names and, under `__metadata__`, a JSON string with the config
 fields that rebuild the model (method, the method's own config section,
-backbone checkpoint, task, classes, resolution, normalisation, dtype) and
+backbone checkpoint, task, classes, resolution, normalisation, dtypes) and
 the class names where the data has them. The frozen
 backbone is not in it: it is the shared pre-trained checkpoint, named in the
 metadata (`backbone`; exports before it was renamed say `checkpoint`).
@@ -45,6 +45,7 @@ def metadata(config, **extra) -> dict:
                    **{key: config.data[key]
                       for key in ('task', 'image_size', 'normalization')}},
           'dtype': config.dtype,
+          'backbone_dtype': config.backbone_dtype,
       },
       'class_names': input_pipeline.class_names(config.data),
       **extra,

@@ -58,7 +58,8 @@ class SynQT:
     # for the scan over the layers (`checkpoint.nest`).
     trainable = checkpoint.nest(checkpoint.flatten(trainable))
     encoder_norm = frozen['backbone']['Transformer']['encoder_norm']
-    trainable['synqt'] = {**trainable['synqt'], 'head_norm': dict(encoder_norm)}
+    trainable['synqt'] = {**trainable['synqt'], 'head_norm': jax.tree.map(
+        lambda x: x.astype(jnp.float32), dict(encoder_norm))}  # Trainable: float32.
     return trainable
 
   def apply(self, trainable, frozen, images, train=False, rngs=None):
@@ -117,6 +118,11 @@ class Registered:
   def reads_cached_kv(self) -> bool:
     """Whether it can train on, and be scored from, stored image-path K/V."""
     return hasattr(self.cls, 'apply_kv')
+
+  @property
+  def trains_backbone(self) -> bool:
+    """Whether the pre-trained weights are trainable state (full fine-tuning)."""
+    return getattr(self.cls, 'trains_backbone', False)
 
   def create(self, vit, num_classes, options, config):
     if self.build is not None:
@@ -181,7 +187,8 @@ REGISTRY = {
 METHODS = tuple(REGISTRY)
 # Those that train from a feature cache and score by deferred evaluation.
 CACHE_METHODS = tuple(name for name, entry in REGISTRY.items() if entry.reads_cached_kv)
-# bfloat16 halves the activations' memory; the parameters stay float32.
+# Activations (config.dtype) and the frozen backbone's storage
+# (config.backbone_dtype): bfloat16 halves their memory.
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
@@ -210,11 +217,13 @@ def from_config(config, vit: models_vit.ViTConfig):
 
 
 def create_method(config):
-  """(method, frozen) for `config`, the backbone (`config.backbone`) headless."""
+  """(method, frozen) for `config`, the backbone (`config.backbone`) headless,
+  held in `config.backbone_dtype` (an older export's: float32)."""
   vit, backbone = checkpoint.load(
       config.backbone.source, image_size=config.data.image_size,
       collection=config.backbone.collection,
       cache_dir=config.backbone.cache_dir, headless=True,
       posemb_resize=config.backbone.get('posemb_resize'),
+      storage_dtype=DTYPES[config.get('backbone_dtype', 'float32')],
       dtype=DTYPES[config.dtype])
   return from_config(config, vit), {'backbone': backbone}

@@ -42,7 +42,7 @@ class ViTConfig:
   representation_size: Optional[int] = None  # `pre_logits` width, None if absent.
   num_classes: Optional[int] = None  # `head` outputs, None for a headless backbone.
   approximate_gelu: bool = False  # Exact (erf) GELU, as the reference computed.
-  dtype: Any = jnp.float32  # Activation dtype; parameters stay float32.
+  dtype: Any = jnp.float32  # Activation dtype: parameters compute in it, as stored.
   classifier: str = 'token'  # 'gap': no class token, tokens are the patches only.
   resnet: Optional[models_resnet.ResNetConfig] = None  # A hybrid's ResNet stem.
 

@@ -83,6 +83,7 @@ def test_tiny_config_is_valid_once_the_workdir_is_filled_in(tmp_path):
     ('keep_checkpoints', 0, 'config.keep_checkpoints'),
     ('seed', -1, 'config.seed'),
     ('dtype', 'float16', 'config.dtype'),
+    ('backbone_dtype', 'float16', 'config.backbone_dtype'),
     ('checkpoint.source', '', 'config.checkpoint.source'),
     ('data.normalization', 'none', 'data.normalization'),
     ('data.task', 'cifar1000', 'data.task'),
@@ -109,6 +110,19 @@ def test_bfloat16_kv_only_where_keep_kv_holds_them(change, fix):
     config[section][name] = value
   with pytest.raises(config_validation.ConfigError,
                      match=r"config\.synqt\.kv_dtype='bfloat16'.*" + re.escape(fix)):
+    config_validation.validate(config)
+
+
+def test_bfloat16_backbone_only_where_the_backbone_is_frozen():
+  config = vtab1k.get_config('cifar100')
+  config.backbone_dtype = 'bfloat16'
+  for method in ('synqt', 'lora', 'linear'):
+    config.method = method
+    config_validation.validate(config)
+  config.method = 'full'
+  with pytest.raises(config_validation.ConfigError,
+                     match=r"config\.backbone_dtype='bfloat16'; expected 'float32' "
+                           r"with method='full' \(it trains the backbone"):
     config_validation.validate(config)
 
 

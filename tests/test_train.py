@@ -11,6 +11,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -129,6 +130,42 @@ def test_loss_is_the_mean_over_real_examples_and_padding_is_ignored(
   want = optax.softmax_cross_entropy_with_integer_labels(logits, labels[:5])
   np.testing.assert_allclose(metrics['loss'][0], want.mean(), rtol=1e-6)
   jax.tree.map(np.testing.assert_array_equal, *updated)
+
+
+@pytest.mark.parametrize('overrides', [
+    {'method': 'synqt'}, {'synqt.image_path_memory': 'recompute'},
+    {'method': 'lora'}, {'method': 'linear'}])
+def test_bfloat16_backbone_computes_as_float32_weights_rounded_once(
+    tmp_path, compilation_cache, overrides):
+  """backbone_dtype='bfloat16' holds the frozen weights rounded (half the
+  bytes) and computes in the activation dtype: the loss and gradients are
+  those of float32 weights rounded to bfloat16 beforehand."""
+  config = train.resolve_workdir_paths(tiny_config(**{
+      **NO_DROPOUT, **overrides, 'backbone_dtype': 'bfloat16'}), tmp_path)
+  demo.prepare(config)
+  method, frozen = methods.create_method(config)
+  config.backbone_dtype = 'float32'
+  _, full = methods.create_method(config)
+  assert {x.dtype for x in jax.tree.leaves(frozen)} == {jnp.dtype(jnp.bfloat16)}
+  assert sum(x.nbytes for x in jax.tree.leaves(frozen)) * 2 == sum(
+      x.nbytes for x in jax.tree.leaves(full))
+  rounded = jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), full)
+  params = method.init(jax.random.PRNGKey(0), frozen, None)
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.standard_normal((1, 8, 32, 32, 3)).astype(np.float32),
+           'label': rng.integers(0, 10, (1, 8)).astype(np.int32),
+           'mask': np.ones((1, 8), np.float32)}
+  grads = jax.pmap(functools.partial(train.gradients, method, params,
+                                     jax.random.PRNGKey(1), 0),
+                   axis_name=train.AXIS)
+  (loss, g), (want_loss, want_g), (full_loss, _) = (
+      grads(train.replicate(tree), batch) for tree in (frozen, rounded, full))
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7),
+               g, want_g)
+  # Rounding the weights moved the loss, by bfloat16's relative step at most.
+  assert 0 < abs(float(loss[0]) - float(full_loss[0])) <= 1e-2 * float(full_loss[0])
 
 
 def test_replicate_puts_the_host_array_itself_on_a_cpu_device():
@@ -322,6 +359,7 @@ def test_export_holds_only_the_task_parameters(learned_run):
   params, meta = export.load(workdir / 'export.npz')
   assert set(params) == {'synqt', 'head'}
   assert meta['config']['data']['task'] == 'eurosat'
+  assert meta['config']['backbone_dtype'] == 'float32'  # predict holds it so.
   assert meta['test_accuracy'] == results['test_accuracy']
   n = sum(x.size for x in jax.tree_util.tree_leaves(params))
   assert n == results['trainable_params']
