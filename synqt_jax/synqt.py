@@ -260,8 +260,12 @@ class SynQTModel(nn.Module):
     return self.backbone.image_path(images, rate, rng,
                                     KV_DTYPES[self.config.kv_dtype])
 
-  def _split(self, kv, layer_axis):
-    """Block i's (K, V) from its slice of stored K/V, in the ViT's dtype."""
+  def _split(self, kv, i, layer_axis):
+    """Block i's (K, V), in the ViT's dtype, read where they lie in the stored
+    K/V (layers on `layer_axis`: 0 as the image path makes them, 1 as
+    `image_kv`). Indexed inside the scan, not scanned over: a scan over them
+    would first copy all the K/V (layer-major, or as the backward pass's)."""
+    kv = jax.lax.dynamic_index_in_dim(kv, i, layer_axis, keepdims=False)
     kv = kv.astype(self.vit.dtype)
     return (kv[:, 0], kv[:, 1]) if layer_axis else (kv[0], kv[1])
 
@@ -271,24 +275,22 @@ class SynQTModel(nn.Module):
     `kv`: as `image_kv`. With `with_attention`, also the queries' attention over
     the image tokens, (B, L, H, T, N), for visualisation.
     """
-    return self._query_path(jnp.moveaxis(kv, 1, 0),
-                            functools.partial(self._split, layer_axis=True),
-                            train, with_attention)
+    return self._query_path(kv, 1, train, with_attention)
 
-  def _query_path(self, kv, split, train, with_attention=False):
-    """`query_path` of K/V `kv` with the layers on axis 0; `split(kv[i])` is
-    block i's (K, V), in whichever layout `kv` has (no copy of all the K/V)."""
+  def _query_path(self, kv, layer_axis, train, with_attention=False):
+    """`query_path` of K/V `kv` with the layers on `layer_axis` (`_split`)."""
 
-    def step(layer, block, query_drop, dropout_rng, previous, carry, kv):
-      k, v = split(kv)
+    def step(layer, block, query_drop, dropout_rng, previous, carry, index):
+      k, v = self._split(kv, index, layer_axis)
       p = self.synqt.layer_queries(layer, previous, not train, dropout_rng)
       output = read_block(block, p, k, v, query_drop)
       attention = block('attention_weights')(p, k) if with_attention else None
       return output, attention, carry
 
+    batch = kv.shape[0] if layer_axis else kv.shape[2]
     outputs, attentions = self._scan_layers(
-        step, split(kv[0])[0].shape[0], train, self._query_drop_path_rng(train),
-        None, kv)
+        step, batch, train, self._query_drop_path_rng(train), None,
+        jnp.arange(self.vit.num_layers))
     features = self._features(outputs)
     if with_attention:
       return features, jnp.moveaxis(attentions, 0, 1)
@@ -398,9 +400,7 @@ class SynQTModel(nn.Module):
       self.backbone(images)
       return self.init_trainable()
     kv = self._image_path(images, train)
-    return self._logits(
-        self._query_path(kv, functools.partial(self._split, layer_axis=False),
-                         train), train)
+    return self._logits(self._query_path(kv, 0, train), train)
 
 
 def read_block(block, p, k, v, drop, rows=None):

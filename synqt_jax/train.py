@@ -651,6 +651,9 @@ def run(config, workdir):
     checkpoints.catch_sigterm()
     p_train_step = compile_train_step(config, method, schedule, state, frozen,
                                       data.train.image_size)
+    # The executables of the op-by-op initialisation and of tracing are not
+    # needed again (0.22 GB for DINOv2-S/14 SynQT): the compiled step is kept.
+    jax.clear_caches()
     host_memory.return_freed()
     memory.mark('compiling the train step')
     p_state, p_frozen = replicate(state), replicate(frozen)

@@ -323,9 +323,10 @@ def test_train_step_memory_grows_by_the_kv_not_the_vit_activations():
                           full_finetune_grad)
   print(f'per image: K/V {kv_per_image}, SynQT step {ours:.0f}, query path alone '
         f'{query_path:.0f}, full fine-tune {full:.0f} bytes')
-  # Running the image path inside the step costs at most its K/V on top of what the
-  # query path needs when the K/V are handed in (measured: ~0.13x K/V).
-  assert ours <= query_path + kv_per_image
+  # K/V handed in (a feature cache's batch) are read where they lie: the query
+  # path's step holds less than another copy of them (measured ~0.68x K/V; 1.7x
+  # when it scanned a layer-major copy).
+  assert query_path <= 0.75 * kv_per_image
   # All of it is of the order of the K/V (measured ~2.7x on XLA:CPU, which keeps
   # the K/V a second time in the (B, H, N, D/H) layout its batched matmuls use) ...
   assert ours <= 3 * kv_per_image
