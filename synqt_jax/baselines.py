@@ -88,6 +88,7 @@ class LinearProbe(_ViTClassifier):
 
   def apply_kv(self, trainable, frozen, features, train=False, rngs=None):
     del frozen, train, rngs
+    features = synqt.from_kv_bits(features)  # A bfloat16 cache's rows come as bits.
     return self.head.apply({'params': trainable['head']}, features.astype(self.vit.dtype))
 
 

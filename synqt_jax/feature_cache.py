@@ -51,6 +51,7 @@ import tqdm
 from synqt_jax import checkpoint
 from synqt_jax import host_memory
 from synqt_jax import input_pipeline
+from synqt_jax import synqt
 
 FORMAT_VERSION = 2  # 2: checksums of the rows and labels.
 CHUNK_BYTES = 1 << 26  # Checksummed chunks of rows: ~64 MB each.
@@ -153,7 +154,13 @@ def batch_spec(global_batch: int, row_shape: tuple[int, ...], storage_dtype: str
   """`input_pipeline.train_batch_spec` of `FeatureCache.batches`: 'kv' for 'image'."""
   return input_pipeline.train_batch_spec(
       global_batch, image_size=None,
-      inputs=('kv', row_shape, STORAGE_DTYPES[storage_dtype]))
+      inputs=('kv', row_shape, _as_bits(np.zeros((), STORAGE_DTYPES[storage_dtype])).dtype))
+
+
+def _as_bits(rows: np.ndarray) -> np.ndarray:
+  """Host rows as a step reads them: bfloat16 as a view of its uint16 bits
+  (`synqt.kv_bits`: else XLA:CPU makes a float32 copy of the whole batch)."""
+  return rows.view(np.uint16) if rows.dtype == STORAGE_DTYPES['bfloat16'] else rows
 
 
 def build_batch_size(batch_size, row_bytes, devices):
@@ -194,6 +201,8 @@ class FeatureCache(abc.ABC):
     out for `jax.pmap`. bfloat16 is a storage format: `apply_kv`'s query path
     casts each block's K/V to the model's dtype as it reads them. One batch
     is gathered ahead (`prefetch`): each is batch x the cache's row bytes.
+    bfloat16 rows come as their uint16 bits (`synqt.kv_bits`), which
+    `apply_kv` reads.
     """
     layout = input_pipeline.HostLayout.of(global_batch, process_index,
                                           process_count, local_device_count)
@@ -232,7 +241,7 @@ class HostFeatureCache(FeatureCache):
     # 'wrap' reads row -1 (padding) as row n, and copies straight into `kv`:
     # the default mode ('raise') buffers the whole batch first (2.3x slower).
     np.take(self.kv, rows, axis=0, out=kv, mode='wrap')
-    return layout.per_device({'kv': kv})['kv']
+    return layout.per_device({'kv': _as_bits(kv)})['kv']
 
 
 class DeviceFeatureCache(FeatureCache):
@@ -295,7 +304,7 @@ def _gather_rows(shard, indices, padding_row):
   owned = (local >= 0) & (local < rows_here)
   rows = shard[jnp.clip(local, 0, rows_here - 1)]
   rows = jnp.where(owned.reshape((-1,) + (1,) * (rows.ndim - 1)), rows, 0)
-  return jax.lax.psum_scatter(rows, AXIS, scatter_dimension=0, tiled=True)
+  return synqt.kv_bits(jax.lax.psum_scatter(rows, AXIS, scatter_dimension=0, tiled=True))
 
 
 class _WithPaddingImage(input_pipeline.Source):

@@ -302,12 +302,12 @@ class VisionTransformer(nn.Module):
       return x
     return jnp.tanh(self.pre_logits(x))
 
-  def image_path(self, images, drop_rate=0.0, rng=None, kv_dtype=None):
+  def image_path(self, images, drop_rate=0.0, rng=None, store=None):
     """The frozen image path: per-block (K, V) of the image tokens, no gradient.
 
     Stochastic depth on block i uses rate `i * drop_rate / (L - 1)`, as timm.
-    Returns (L, 2, B, N, H, D/H): block i's keys and values, rounded to
-    `kv_dtype` as each block makes them (None: as computed).
+    Returns (L, 2, B, N, H, D/H): block i's keys and values, each block's
+    `store(kv)` as it makes them (e.g. rounded; None: as computed).
     """
     c = self.config
 
@@ -320,7 +320,7 @@ class VisionTransformer(nn.Module):
           lambda: jax.lax.stop_gradient(block('advance')(x, k, v, drop)),
           lambda: x)
       kv = jnp.stack([k, v])
-      return x, kv if kv_dtype is None else kv.astype(kv_dtype)
+      return x, kv if store is None else store(kv)
 
     x = jax.lax.stop_gradient(self.tokens(images))
     return jax.lax.scan(step, x, (self.block_params, jnp.arange(c.num_layers),

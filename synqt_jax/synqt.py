@@ -27,6 +27,21 @@ IMAGE_PATH_MEMORY = ('keep_kv', 'recompute')
 KV_DTYPES = {'float32': None, 'bfloat16': jnp.bfloat16}
 
 
+def kv_bits(kv):
+  """bfloat16 K/V as their uint16 bits (others as they are), to cross a scan.
+
+  XLA:CPU converts a bfloat16 array that a loop reads slice by slice to one
+  float32 copy of all of it before the loop; through a bitcast it cannot, so
+  bfloat16 K/V travel as bits and are read block by block (`from_kv_bits`).
+  """
+  return jax.lax.bitcast_convert_type(kv, jnp.uint16) if kv.dtype == jnp.bfloat16 else kv
+
+
+def from_kv_bits(kv):
+  """The inverse of `kv_bits`."""
+  return jax.lax.bitcast_convert_type(kv, jnp.bfloat16) if kv.dtype == jnp.uint16 else kv
+
+
 @dataclasses.dataclass(frozen=True)
 class SynQTConfig:
   """The reference's configurable values (defaults: its VTAB-1k recipe)."""
@@ -251,14 +266,16 @@ class SynQTModel(nn.Module):
 
     In `config.kv_dtype`'s storage.
     """
-    return jnp.moveaxis(self._image_path(images, train), 2, 0)
+    return jnp.moveaxis(from_kv_bits(self._image_path(images, train)), 2, 0)
 
   def _image_path(self, images, train):
-    """`image_kv` in the image path's own layout, (L, 2, B, N, H, D/H)."""
+    """`image_kv` in the image path's own layout, (L, 2, B, N, H, D/H), as
+    `kv_bits` (bfloat16 storage: uint16)."""
     rate = self._image_drop_rate(train)
     rng = self.make_rng('drop_path') if rate > 0 else None
-    return self.backbone.image_path(images, rate, rng,
-                                    KV_DTYPES[self.config.kv_dtype])
+    dtype = KV_DTYPES[self.config.kv_dtype]
+    return self.backbone.image_path(
+        images, rate, rng, None if dtype is None else lambda kv: kv_bits(kv.astype(dtype)))
 
   def _split(self, kv, i, layer_axis):
     """Block i's (K, V), in the ViT's dtype, read where they lie in the stored
@@ -266,7 +283,7 @@ class SynQTModel(nn.Module):
     `image_kv`). Indexed inside the scan, not scanned over: a scan over them
     would first copy all the K/V (layer-major, or as the backward pass's)."""
     kv = jax.lax.dynamic_index_in_dim(kv, i, layer_axis, keepdims=False)
-    kv = kv.astype(self.vit.dtype)
+    kv = from_kv_bits(kv).astype(self.vit.dtype)
     return (kv[:, 0], kv[:, 1]) if layer_axis else (kv[0], kv[1])
 
   def query_path(self, kv, train=False, with_attention=False):

@@ -79,9 +79,8 @@ def train(method, frozen, batches, inputs, apply, steps=20):
   step = train_step(apply)
   opt_state, losses = OPTIMIZER.init(params), []
   for i, batch in zip(range(steps), batches):
-    # Stored K/V are cast to the model's float32: bfloat16 storage only.
-    params, opt_state, loss = step(params, opt_state, frozen,
-                                   batch[inputs][0].astype(np.float32),
+    # As the trainer passes them: bfloat16 K/V as their bits (apply_kv reads them).
+    params, opt_state, loss = step(params, opt_state, frozen, batch[inputs][0],
                                    batch['label'][0], batch['mask'][0],
                                    jax.random.PRNGKey(100 + i))
     losses.append(float(loss))

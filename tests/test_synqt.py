@@ -375,3 +375,33 @@ def test_bfloat16_kv_halve_what_the_step_keeps_and_move_gradients_by_their_round
   # value); what reaches the gradients stays of that order, but is not zero.
   assert 1e-5 < error < 1e-2
   assert abs(loss - loss16) < 1e-2 * abs(loss)
+
+
+def test_bfloat16_cached_kv_come_as_bits_and_cost_no_float32_copy():
+  """A bfloat16 cache's K/V reach the step as their uint16 bits (`synqt.kv_bits`):
+  the same logits as the bfloat16 values, and no more temporaries than float32
+  K/V (XLA:CPU turns a bfloat16 batch into one float32 copy before the scan)."""
+  flat = random_vit.make(**MEM, classes=10, pre_logits=False)
+  params = checkpoint.nest(flat)
+  vit = dataclasses.replace(checkpoint.vit_config(flat), num_classes=None)
+  frozen = {'backbone': {k: v for k, v in params.items() if k != 'head'}}
+  method = methods.SynQT(vit, synqt.SynQTConfig(num_classes=10, dropout=0.0,
+                                                drop_path=0.0, head_drop_path=0.0))
+  trainable = method.init(jax.random.PRNGKey(0), frozen, None)
+  shape = (16, vit.num_layers, 2, vit.num_tokens, vit.num_heads, vit.head_dim)
+  kv = jax.random.normal(jax.random.PRNGKey(1), shape).astype(jnp.bfloat16)
+  bits = synqt.kv_bits(kv)
+  assert bits.dtype == jnp.uint16 and synqt.from_kv_bits(bits).dtype == jnp.bfloat16
+  logits = jax.jit(method.apply_kv)
+  np.testing.assert_array_equal(logits(trainable, frozen, bits),
+                                logits(trainable, frozen, kv.astype(jnp.float32)))
+  xent = optax.softmax_cross_entropy_with_integer_labels
+  labels = jnp.arange(16) % 10
+
+  def grad(trainable, kv):
+    return jax.grad(lambda t: xent(method.apply_kv(t, frozen, kv, train=True),
+                                   labels).mean())(trainable)
+
+  temps = {dtype: temp_bytes(grad, trainable, jax.ShapeDtypeStruct(shape, dtype))
+           for dtype in (jnp.float32, jnp.uint16)}
+  assert temps[jnp.uint16] <= temps[jnp.float32], temps
