@@ -27,6 +27,7 @@ resident memory of the whole run, and wall time. Shrink it with --train/--val/
 setup) are kept and not repeated, so the table can be filled over several
 invocations; every finished run is written at once.
 """
+import collections
 import dataclasses
 import functools
 import json
@@ -270,12 +271,19 @@ def markdown_table(rows):
 
 def plot(rows):
   fig, ax = plt.subplots(figsize=(6, 4))
-  for r in rows:
-    ax.errorbar(r['step_memory_bytes'] / MIB, 100 * r['test_accuracy_mean'],
-                yerr=100 * (r['test_accuracy_sd'] or 0), marker='o', capsize=3)
-    ax.annotate(r['method'], (r['step_memory_bytes'] / MIB,
-                              100 * r['test_accuracy_mean']),
-                textcoords='offset points', xytext=(4, 4), fontsize=8)
+  # Rows at one memory (every SynQT row) get their labels in a column, best first.
+  shared = collections.defaultdict(list)
+  for r in sorted(rows, key=lambda r: -r['test_accuracy_mean']):
+    shared[r['step_memory_bytes']].append(r)
+  for group in shared.values():
+    for i, r in enumerate(group):
+      point = (r['step_memory_bytes'] / MIB, 100 * r['test_accuracy_mean'])
+      ax.errorbar(*point, yerr=100 * (r['test_accuracy_sd'] or 0), marker='o',
+                  capsize=3)
+      ax.annotate(r['method'], point, textcoords='offset points', fontsize=8,
+                  xytext=(12, 6 + 10 * ((len(group) - 1) / 2 - i)), va='center',
+                  arrowprops=dict(arrowstyle='-', lw=0.4, alpha=0.5)
+                  if len(group) > 1 else None)
   ax.set_xscale('log')
   ax.set_xlabel(f'train-step memory at batch {STEP_MEMORY_BATCH} (MiB, XLA)')
   ax.set_ylabel('test accuracy (%)')

@@ -180,7 +180,8 @@ def make_reference_venv(venv):
   subprocess.run(pip + ['torch>=2,<3', '--index-url',
                         'https://download.pytorch.org/whl/cpu'], check=True)
   subprocess.run(pip + ['--no-deps', 'timm==0.4.12'], check=True)
-  subprocess.run(pip + ['numpy'], check=True)
+  # synqt.py imports IPython (embed) and timm imports PIL at import time.
+  subprocess.run(pip + ['numpy', 'pillow', 'ipython'], check=True)
 
 
 def reference(python, synqt_py, stand_in, backbone, batch_size):
