@@ -196,13 +196,12 @@ class FeatureCache(abc.ABC):
     """`input_pipeline.train_batches` of the cached split, with 'kv' for 'image'.
 
     Same arguments and batches: {'kv': [D, b, L, 2, N, H, D/H] in the storage
-    dtype, 'label': int32 [D, b], 'mask': float32 [D, b]}, from global step
-    `start_step` on. In 'device' mode 'kv' is already on the devices, laid
-    out for `jax.pmap`. bfloat16 is a storage format: `apply_kv`'s query path
-    casts each block's K/V to the model's dtype as it reads them. One batch
-    is gathered ahead (`prefetch`): each is batch x the cache's row bytes.
-    bfloat16 rows come as their uint16 bits (`synqt.kv_bits`), which
-    `apply_kv` reads.
+    dtype (bfloat16 as its uint16 bits, `synqt.kv_bits`), 'label': int32
+    [D, b], 'mask': float32 [D, b]}, from global step `start_step` on. In
+    'device' mode 'kv' is already on the devices, laid out for `jax.pmap`.
+    bfloat16 is a storage format: `apply_kv`'s query path casts each block's
+    K/V to the model's dtype as it reads them. One batch is gathered ahead
+    (`prefetch`): each is batch x the cache's row bytes.
     """
     layout = input_pipeline.HostLayout.of(global_batch, process_index,
                                           process_count, local_device_count)
