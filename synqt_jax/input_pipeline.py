@@ -707,11 +707,15 @@ def prefetched(iterator, size: int):
   """Runs `iterator` in a background thread, at most `size` items ahead.
 
   An item is made only while fewer than `size` wait (queued or being made):
-  with the one the caller holds, at most `size` + 1 exist (a feature cache's
-  batch of K/V can be 150 MB).
+  with the one the caller holds, at most `size` + 1 exist. `size` 0: no
+  thread, each item made when asked.
   """
+  return iterator if size == 0 else _made_in_a_thread(iterator, size)
+
+
+def _made_in_a_thread(iterator, size):
   buffer = queue.Queue()
-  slots = threading.Semaphore(max(size, 1))
+  slots = threading.Semaphore(size)
   stopped = threading.Event()
   end = object()
 

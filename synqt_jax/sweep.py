@@ -287,8 +287,10 @@ def train_group(members, stack, *, workdir, frozen, p_frozen, data, cache,
     for checkpointing in checkpointings:
       checkpointing.catch_sigterm(preemption)
     evaluator = members[0].evaluator
+    in_flight = train.OneStepInFlight()
     for step in range(start_step + 1, data.total_steps + 1):
       p_states, metrics = p_step(p_states, p_frozen, next(batches))
+      in_flight.dispatched(metrics)
       for sm, m in zip(step_metrics, metrics):
         sm.add(step, m)
       if step % config.train.log_every_steps == 0:

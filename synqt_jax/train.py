@@ -294,6 +294,22 @@ def compile_train_step(config, method, schedule, state, frozen, image_size):
   return compiled
 
 
+class OneStepInFlight:
+  """Lets the host run one train step ahead of the devices, and no further.
+
+  The next batch is made while a step runs; a step queued further ahead
+  would hold its batch too (154 MB of cached K/V for DINOv2-S/14 at 112 px).
+  """
+
+  def __init__(self):
+    self._running = None  # The outputs of the step dispatched before.
+
+  def dispatched(self, outputs) -> None:
+    """Called after each step's dispatch: waits for the step before it."""
+    jax.block_until_ready(self._running)
+    self._running = outputs
+
+
 def eval_step(method, params, frozen, batch):
   """Correct predictions and real examples in the global batch (under pmap)."""
   logits = logits_of(method, params, frozen, batch, False)
@@ -675,8 +691,10 @@ def run(config, workdir):
     evaluator = create_evaluator(config, workdir, method, p_frozen, data, log,
                                  history)
 
+    in_flight = OneStepInFlight()
     for step in range(start_step + 1, data.total_steps + 1):  # Updates done.
       p_state, metrics = p_train_step(p_state, p_frozen, next(batches))
+      in_flight.dispatched(metrics)
       if step == start_step + 1:
         jax.block_until_ready(metrics)
         host_memory.return_freed()

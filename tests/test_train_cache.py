@@ -9,6 +9,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -63,6 +64,20 @@ def test_host_cache_follows_the_online_trajectory(runs):
   assert (read_results(host)['evaluations'] ==
           read_results(online)['evaluations'])
   assert not os.path.exists(host / 'feature_cache')  # In memory only.
+
+
+def test_the_host_runs_at_most_one_step_ahead():
+  """A queued step holds its batch (154 MB of cached K/V for DINOv2-S/14 at
+  112 px): before the next batch is made, the step before the last is done."""
+  slow = jax.jit(lambda x: jax.lax.fori_loop(
+      0, 100, lambda i, y: jnp.tanh(y @ y), x))
+  in_flight = train.OneStepInFlight()
+  first = slow(jnp.eye(512))
+  in_flight.dispatched(first)
+  second = slow(first)
+  assert not first.is_ready()  # Dispatched asynchronously: still running.
+  in_flight.dispatched(second)
+  assert first.is_ready() and not second.is_ready()
 
 
 def test_bfloat16_device_cache_follows_within_its_rounding(runs, tmp_path):
