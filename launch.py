@@ -23,6 +23,7 @@ import logging as python_logging
 import os
 import re
 import signal
+import sys
 
 from absl import app
 from absl import flags
@@ -145,6 +146,18 @@ def exit_on_early_sigterm():
     raise SystemExit(0)
 
   signal.signal(signal.SIGTERM, handle)
+  previous_hook = sys.unraisablehook
+
+  def exit_if_swallowed(unraisable):
+    """The SystemExit raised inside a callback whose exceptions Python only
+    reports (JAX's garbage-collector callback): exit as the handler meant,
+    not go on after a traceback."""
+    if unraisable.exc_type is SystemExit:
+      logging.flush()
+      os._exit(unraisable.exc_value.code or 0)  # pylint: disable=protected-access
+    previous_hook(unraisable)
+
+  sys.unraisablehook = exit_if_swallowed
 
 
 def quiet_disk_full_reports():

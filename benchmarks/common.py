@@ -18,9 +18,9 @@ import numpy as np
 
 from configs import common as common_config
 from synqt_jax import checkpoint
+from synqt_jax import host_memory
 from synqt_jax import methods
 from synqt_jax import models_vit
-from synqt_jax import random_vit
 from synqt_jax import train
 
 # ViT-B/16 at 224, headless, as SynQT uses the ImageNet-21k checkpoint.
@@ -52,14 +52,20 @@ def learning_rate_schedule():
 def random_backbone(vit, seed=0, dtype=jnp.float32):
   """A random headless backbone tree of `vit`'s size, in the checkpoint layout.
 
-  Held as `checkpoint.load` holds a file's (`checkpoint.host_tree`), in
-  `dtype`, so that the process holds the backbone once, as the trainer's does.
+  Weights N(0, 0.02^2), drawn a layer at a time into 64-byte aligned arrays:
+  held once, as `checkpoint.load` holds a file's, with no second copy on the
+  way (making `random_vit.make`'s per-layer arrays and stacking them peaked
+  at twice the backbone, a peak the trainer does not have).
   """
-  flat = random_vit.make(vit.hidden_size, vit.num_layers, vit.num_heads, vit.mlp_dim,
-                         vit.patch_size, vit.image_size, classes=1, pre_logits=False,
-                         seed=seed)
-  del flat['head/kernel'], flat['head/bias']
-  return checkpoint.host_tree(flat, dtype)
+  rng = np.random.default_rng(seed)
+
+  def draw(spec):
+    out = host_memory.aligned_empty(spec.shape, spec.dtype)
+    for part in (out if out.ndim > 2 else [out]):
+      part[...] = rng.standard_normal(part.shape, np.float32) * 0.02
+    return out
+
+  return jax.tree.map(draw, backbone_shapes(vit, dtype))
 
 
 def backbone_shapes(vit, dtype=jnp.float32):
@@ -67,15 +73,21 @@ def backbone_shapes(vit, dtype=jnp.float32):
                           for k, shape in checkpoint.expected_shapes(vit).items()})
 
 
+@functools.cache
+def optimizer():
+  """The trainer's AdamW, one object: a step compiled for an abstract state
+  accepts the concrete state only if their optimizers are the same object."""
+  return train.create_optimizer(common_config.get_config().optim,
+                                learning_rate_schedule())
+
+
 def initial_state(method, frozen, abstract=True):
   """The trainer's initial `TrainState` of `method` (its shapes if `abstract`)."""
-  optimizer = train.create_optimizer(common_config.get_config().optim,
-                                     learning_rate_schedule())
 
   def create(frozen):
     params = method.init(jax.random.PRNGKey(0), frozen, None)
     return train.TrainState.create(apply_fn=method.apply, params=params,
-                                   tx=optimizer, rng=jax.random.PRNGKey(1),
+                                   tx=optimizer(), rng=jax.random.PRNGKey(1),
                                    method=method)
 
   # Not under a jit, as train.create_train_state: a jit would copy `frozen`.
@@ -83,15 +95,16 @@ def initial_state(method, frozen, abstract=True):
 
 
 def method_inputs(name, vit, batch_size, num_classes=NUM_CLASSES, abstract=True,
-                  config=None):
+                  config=None, method=None):
   """`(state, frozen, batch)` for `train.train_step`, each with a leading device axis.
 
   Full fine-tuning holds the backbone once, in its trainable state. The
   method's options and the backbone's dtype come from `config` (default:
-  configs/common.py's).
+  configs/common.py's). A step compiled for the abstract inputs accepts the
+  concrete ones made with the same `method` object (default: a new one).
   """
   config = config or common_config.get_config()
-  method = methods.create(name, vit, num_classes, config)
+  method = method or methods.create(name, vit, num_classes, config)
   dtype = methods.DTYPES[config.backbone_dtype]
   # A CPU device takes the aligned host arrays in place: held once.
   frozen = {'backbone': backbone_shapes(vit, dtype) if abstract else
@@ -133,7 +146,13 @@ def pmapped_train_step():
 def compiled_step(name, vit, batch_size, abstract=True, config=None):
   """The compiled pmapped train step of method `name` and its inputs."""
   inputs = method_inputs(name, vit, batch_size, abstract=abstract, config=config)
-  return pmapped_train_step().lower(*inputs).compile(), inputs
+  return compile_step(inputs), inputs
+
+
+def compile_step(inputs):
+  """`pmapped_train_step()` compiled for `inputs` (arrays or their shapes) as
+  the trainer compiles it (`train.compiler_options`)."""
+  return pmapped_train_step().lower(*inputs).compile(train.compiler_options())
 
 
 def step_seconds(compiled, state, frozen, batches, steps):

@@ -31,6 +31,7 @@ import collections
 import dataclasses
 import functools
 import json
+import math
 import os
 import re
 import statistics
@@ -40,6 +41,7 @@ import time
 
 from absl import app
 from absl import flags
+from matplotlib import ticker
 import matplotlib.pyplot as plt
 
 from benchmarks import common
@@ -270,11 +272,12 @@ def markdown_table(rows):
 
 
 def plot(rows):
-  fig, ax = plt.subplots(figsize=(6, 4))
-  # Rows at one memory (every SynQT row) get their labels in a column, best first.
+  fig, ax = plt.subplots(figsize=(6.5, 4.5))
+  # Rows at about one memory (every SynQT row: online and cached steps differ
+  # by bytes) get their labels in a column, best first.
   shared = collections.defaultdict(list)
   for r in sorted(rows, key=lambda r: -r['test_accuracy_mean']):
-    shared[r['step_memory_bytes']].append(r)
+    shared[round(math.log(r['step_memory_bytes']) * 10)].append(r)
   for group in shared.values():
     for i, r in enumerate(group):
       point = (r['step_memory_bytes'] / MIB, 100 * r['test_accuracy_mean'])
@@ -284,7 +287,11 @@ def plot(rows):
                   xytext=(12, 6 + 10 * ((len(group) - 1) / 2 - i)), va='center',
                   arrowprops=dict(arrowstyle='-', lw=0.4, alpha=0.5)
                   if len(group) > 1 else None)
+  ax.margins(y=0.12)  # Room for the column of labels above the best row.
   ax.set_xscale('log')
+  ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
+  ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+  ax.set_xticks([100, 200, 500, 1000, 2000, 5000])
   ax.set_xlabel(f'train-step memory at batch {STEP_MEMORY_BATCH} (MiB, XLA)')
   ax.set_ylabel('test accuracy (%)')
   ax.grid(True, which='both', alpha=0.3)

@@ -36,6 +36,7 @@ import time
 
 from absl import app
 from absl import flags
+import jax
 
 from benchmarks import common
 from configs import common as common_config
@@ -95,7 +96,13 @@ sys.modules.update({'torchvision.transforms': transforms,
 
 
 def our_point(batch_size, variant, tokens, steps, cache):
-  """One point of this project, in this (fresh) process."""
+  """One point of this project, in this (fresh) process, in the trainer's order.
+
+  As `train.run`: the state is made on the host (its op-by-op
+  initialisation's executables dropped), the step compiled for the shapes of
+  the trees before they are used, its compile memory handed back, then
+  steps run. `--compile_only` compiles on the shapes alone.
+  """
   compilation_cache.enable(cache or None)  # '': no persistent cache.
   compiles = compilation_cache.CompileCount()
   config = common_config.get_config()
@@ -105,12 +112,15 @@ def our_point(batch_size, variant, tokens, steps, cache):
     (config[section] if section else config)[name] = value
   inputs = common.method_inputs('synqt', common.VIT_B16, batch_size,
                                 abstract=_COMPILE_ONLY.value, config=config)
+  jax.clear_caches()  # As train.create_train_state.
+  host_memory.return_freed()
   rss_inputs = peak_rss_mb()
   start = time.perf_counter()
-  compiled = common.pmapped_train_step().lower(*inputs).compile()
+  compiled = common.compile_step(inputs)
   compile_s = time.perf_counter() - start
   rss_compiled = peak_rss_mb()
-  host_memory.return_freed()  # As the trainer does after its first step.
+  jax.clear_caches()  # As train.run after compiling.
+  host_memory.return_freed()
   analysis = compiled.memory_analysis()
   point = {'implementation': f'synqt_jax {variant}', 'batch': batch_size,
            'tokens': tokens, 'compile_s': compile_s,

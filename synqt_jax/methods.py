@@ -172,7 +172,12 @@ REGISTRY = {
             # (half of what the backward pass keeps; gradients within ~1e-2).
             config_fields.Field('kv_dtype', 'float32',
                                 lambda x: x in synqt.KV_DTYPES,
-                                f'one of {tuple(synqt.KV_DTYPES)}'))),
+                                f'one of {tuple(synqt.KV_DTYPES)}'),
+            # Images the frozen image path runs at once (0: automatic, a few
+            # on a CPU, the whole batch on a GPU/TPU; same numbers).
+            config_fields.Field('image_path_batch', 0,
+                                lambda x: config_fields.is_int(x) and x >= 0,
+                                'an int >= 0 (0: automatic)'))),
     'lora': Registered(
         baselines.LoRA, fields=(
             config_fields.Field('rank', 8, config_fields.positive_int,

@@ -302,29 +302,54 @@ class VisionTransformer(nn.Module):
       return x
     return jnp.tanh(self.pre_logits(x))
 
-  def image_path(self, images, drop_rate=0.0, rng=None, store=None):
+  def image_path(self, images, drop_rate=0.0, rng=None, store=None, piece=None):
     """The frozen image path: per-block (K, V) of the image tokens, no gradient.
 
     Stochastic depth on block i uses rate `i * drop_rate / (L - 1)`, as timm.
     Returns (L, 2, B, N, H, D/H): block i's keys and values, each block's
-    `store(kv)` as it makes them (e.g. rounded; None: as computed).
+    `store(kv)` as it makes them (e.g. rounded; None: as computed). `piece`:
+    the images go through every block at most this many at a time (the
+    largest divisor of the batch up to it), each piece's K/V written into
+    their place in the output, so that only one piece's attention weights
+    and MLP activations exist at once; None: the whole batch.
     """
     c = self.config
+    batch = images.shape[0]
+    size = batch if piece is None else max(
+        n for n in range(1, min(piece, batch) + 1) if batch % n == 0)
+    drop = drop_path_inputs(c.num_layers, drop_rate, rng)
 
-    def step(x, inputs):
-      params, index, drop = inputs
-      block = functools.partial(block_method, c, params)
-      k, v = jax.lax.stop_gradient(block('image_kv')(x))
-      x = jax.lax.cond(  # The last block's output is never read.
-          index + 1 < c.num_layers,
-          lambda: jax.lax.stop_gradient(block('advance')(x, k, v, drop)),
-          lambda: x)
-      kv = jnp.stack([k, v])
-      return x, kv if store is None else store(kv)
+    def through_blocks(x, start):
+      """The K/V of tokens `x`, rows `start`... of the batch, in every block."""
+      def step(x, inputs):
+        params, index, drop = inputs
+        block = functools.partial(block_method, c, params)
+        k, v = jax.lax.stop_gradient(block('image_kv')(x))
+        x = jax.lax.cond(  # The last block's output is never read.
+            index + 1 < c.num_layers,
+            lambda: jax.lax.stop_gradient(
+                block('advance')(x, k, v, drop, (start, batch))),
+            lambda: x)
+        kv = jnp.stack([k, v])
+        return x, kv if store is None else store(kv)
+      return jax.lax.scan(step, x, (self.block_params,
+                                    jnp.arange(c.num_layers), drop))[1]
 
     x = jax.lax.stop_gradient(self.tokens(images))
-    return jax.lax.scan(step, x, (self.block_params, jnp.arange(c.num_layers),
-                                  drop_path_inputs(c.num_layers, drop_rate, rng)))[1]
+    if size == batch:
+      return through_blocks(x, 0)
+
+    def piece_kv(start):
+      return through_blocks(jax.lax.dynamic_slice_in_dim(x, start, size), start)
+
+    def write_piece(i, kv):
+      return jax.lax.dynamic_update_slice_in_dim(kv, piece_kv(i * size), i * size,
+                                                 axis=2)
+
+    shape = jax.eval_shape(piece_kv, 0)
+    return jax.lax.fori_loop(0, batch // size, write_piece,
+                             jnp.zeros(shape.shape[:2] + (batch,) + shape.shape[3:],
+                                       shape.dtype))
 
   def __call__(self, images):
     """The pre-trained classifier: class token (or token mean) -> pre_logits -> head."""

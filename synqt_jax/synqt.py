@@ -25,6 +25,8 @@ IMAGE_PATH_MEMORY = ('keep_kv', 'recompute')
 # How keep_kv holds the K/V between the image path and the query path:
 # as computed, or rounded to bfloat16 (half the memory the backward pass keeps).
 KV_DTYPES = {'float32': None, 'bfloat16': jnp.bfloat16}
+# Images the image path runs at once on a CPU (SynQTConfig.image_path_batch).
+CPU_IMAGE_PATH_BATCH = 1
 
 
 def kv_bits(kv):
@@ -61,11 +63,31 @@ class SynQTConfig:
   image_path_memory: str = 'keep_kv'
   # The K/V's storage (KV_DTYPES); the query path computes in the ViT's dtype.
   kv_dtype: str = 'float32'
+  # How many images the image path runs at once (0: CPU_IMAGE_PATH_BATCH on a
+  # CPU, the whole batch elsewhere); see `image_path_images`.
+  image_path_batch: int = 0
+
+  def image_path_images(self):
+    """`models_vit.VisionTransformer.image_path`'s `piece`.
+
+    On a CPU the blocks run faster on one image at a time, and only one
+    image's attention weights and MLP activations exist at once (ViT-B/16
+    keep_kv at batch 64: ~1.4x the images per second, XLA's temporaries
+    1395 -> 1067 MiB); each image's K/V are then the same whatever the batch
+    (a feature cache's build batches, online training's). A GPU or TPU wants
+    the whole batch at once.
+    """
+    if self.image_path_batch:
+      return self.image_path_batch
+    return CPU_IMAGE_PATH_BATCH if jax.default_backend() == 'cpu' else None
 
   def __post_init__(self):
     if self.image_path_memory not in IMAGE_PATH_MEMORY:
       raise ValueError(f'image_path_memory={self.image_path_memory!r}; '
                        f'expected one of {IMAGE_PATH_MEMORY}.')
+    if not (isinstance(self.image_path_batch, int) and self.image_path_batch >= 0):
+      raise ValueError(f'image_path_batch={self.image_path_batch!r}; expected '
+                       'an int >= 0 (0: automatic).')
     if self.kv_dtype not in KV_DTYPES:
       raise ValueError(f'kv_dtype={self.kv_dtype!r}; expected one of '
                        f'{tuple(KV_DTYPES)}.')
@@ -275,7 +297,8 @@ class SynQTModel(nn.Module):
     rng = self.make_rng('drop_path') if rate > 0 else None
     dtype = KV_DTYPES[self.config.kv_dtype]
     return self.backbone.image_path(
-        images, rate, rng, None if dtype is None else lambda kv: kv_bits(kv.astype(dtype)))
+        images, rate, rng, None if dtype is None else lambda kv: kv_bits(kv.astype(dtype)),
+        self.config.image_path_images())
 
   def _split(self, kv, i, layer_axis):
     """Block i's (K, V), in the ViT's dtype, read where they lie in the stored

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 from absl import flags
@@ -144,6 +145,28 @@ def test_predict_still_works_on_a_good_image(files):
   assert out.returncode == 0, out.stderr[-3000:]
   path, labels = out.stdout.strip().split('\t')
   assert path == files['image'] and len(labels.split()) == 2
+
+
+def test_early_sigterm_in_a_gc_callback_still_exits_0():
+  """A SIGTERM that lands while Python runs a garbage-collector callback (JAX
+  has one): Python reports and drops the handler's SystemExit there; the run
+  must still exit, cleanly, not go on after a traceback."""
+  code = textwrap.dedent('''
+      import gc, os, signal
+      import launch
+      launch.exit_on_early_sigterm()
+      gc.callbacks.append(lambda phase, info: phase == 'start' and os.kill(
+          os.getpid(), signal.SIGTERM))
+      gc.collect()
+      print('went on')
+      raise SystemExit(3)
+      ''')
+  out = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, 'PYTHONPATH': REPO})
+  assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+  assert 'went on' not in out.stdout
+  assert 'Traceback' not in out.stderr, out.stderr[-3000:]
+  assert 'SIGTERM outside the training loop' in out.stderr
 
 
 def test_sigterm_before_the_training_loop_exits_0(tmp_path, compilation_cache):

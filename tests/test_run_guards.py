@@ -145,11 +145,15 @@ def test_second_run_on_a_workdir_in_use_is_refused(tmp_path,
                                                    compilation_cache):
   """Defect 8: two runs at once crashed each other or duplicated metrics."""
   workdir = tmp_path / 'shared'
-  first = start_launch(workdir, compilation_cache)
+  # Long enough to be training still while the second run starts and is refused.
+  first = start_launch(workdir, compilation_cache, {'optim.epochs': 60})
   try:
     lock = workdir / 'run.process_0.lock'
     deadline = time.monotonic() + 120
-    while not (lock.exists() and lock.read_text()):
+    # Past compiling: from there a SIGTERM ends the run saved after its next
+    # step, with metrics to check (before, it exits at once, cleanly).
+    while not (lock.exists() and lock.read_text()
+               and 'Compiled the train step' in read_log(workdir, tail=None)):
       assert first.poll() is None, read_log(workdir)
       assert time.monotonic() < deadline
       time.sleep(0.05)
