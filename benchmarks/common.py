@@ -73,21 +73,15 @@ def backbone_shapes(vit, dtype=jnp.float32):
                           for k, shape in checkpoint.expected_shapes(vit).items()})
 
 
-@functools.cache
-def optimizer():
-  """The trainer's AdamW, one object: a step compiled for an abstract state
-  accepts the concrete state only if their optimizers are the same object."""
-  return train.create_optimizer(common_config.get_config().optim,
-                                learning_rate_schedule())
-
-
 def initial_state(method, frozen, abstract=True):
   """The trainer's initial `TrainState` of `method` (its shapes if `abstract`)."""
+  optimizer = train.create_optimizer(common_config.get_config().optim,
+                                     learning_rate_schedule())
 
   def create(frozen):
     params = method.init(jax.random.PRNGKey(0), frozen, None)
     return train.TrainState.create(apply_fn=method.apply, params=params,
-                                   tx=optimizer(), rng=jax.random.PRNGKey(1),
+                                   tx=optimizer, rng=jax.random.PRNGKey(1),
                                    method=method)
 
   # Not under a jit, as train.create_train_state: a jit would copy `frozen`.
@@ -95,16 +89,15 @@ def initial_state(method, frozen, abstract=True):
 
 
 def method_inputs(name, vit, batch_size, num_classes=NUM_CLASSES, abstract=True,
-                  config=None, method=None):
+                  config=None):
   """`(state, frozen, batch)` for `train.train_step`, each with a leading device axis.
 
   Full fine-tuning holds the backbone once, in its trainable state. The
   method's options and the backbone's dtype come from `config` (default:
-  configs/common.py's). A step compiled for the abstract inputs accepts the
-  concrete ones made with the same `method` object (default: a new one).
+  configs/common.py's).
   """
   config = config or common_config.get_config()
-  method = method or methods.create(name, vit, num_classes, config)
+  method = methods.create(name, vit, num_classes, config)
   dtype = methods.DTYPES[config.backbone_dtype]
   # A CPU device takes the aligned host arrays in place: held once.
   frozen = {'backbone': backbone_shapes(vit, dtype) if abstract else
