@@ -154,7 +154,8 @@ def exit_on_early_sigterm():
     not go on after a traceback."""
     if unraisable.exc_type is SystemExit:
       logging.flush()
-      os._exit(unraisable.exc_value.code or 0)  # pylint: disable=protected-access
+      code = unraisable.exc_value.code  # None: 0; a message: 1, as Python exits.
+      os._exit(code if isinstance(code, int) else int(code is not None))  # pylint: disable=protected-access
     previous_hook(unraisable)
 
   sys.unraisablehook = exit_if_swallowed

@@ -36,13 +36,13 @@ import time
 
 from absl import app
 from absl import flags
-import jax
 
 from benchmarks import common
 from configs import common as common_config
 from synqt_jax import compilation_cache
 from synqt_jax import host_memory
 from synqt_jax import random_vit
+from synqt_jax import train
 
 _REFERENCE = flags.DEFINE_string(
     'reference', None, "The reference's checkout (holding synqt.py) or its synqt.py.")
@@ -98,10 +98,10 @@ sys.modules.update({'torchvision.transforms': transforms,
 def our_point(batch_size, variant, tokens, steps, cache):
   """One point of this project, in this (fresh) process, in the trainer's order.
 
-  As `train.run`: the state is made on the host (its op-by-op
-  initialisation's executables dropped), the step compiled for the shapes of
-  the trees before they are used, its compile memory handed back, then
-  steps run. `--compile_only` compiles on the shapes alone.
+  As `train.run`: the state is made (its op-by-op initialisation's
+  executables dropped), the step compiled with the trainer's options, its
+  compile memory handed back, then steps run. `--compile_only` compiles on
+  the shapes alone.
   """
   compilation_cache.enable(cache or None)  # '': no persistent cache.
   compiles = compilation_cache.CompileCount()
@@ -112,15 +112,13 @@ def our_point(batch_size, variant, tokens, steps, cache):
     (config[section] if section else config)[name] = value
   inputs = common.method_inputs('synqt', common.VIT_B16, batch_size,
                                 abstract=_COMPILE_ONLY.value, config=config)
-  jax.clear_caches()  # As train.create_train_state.
-  host_memory.return_freed()
+  train.release_executables()  # As train.create_train_state.
   rss_inputs = peak_rss_mb()
   start = time.perf_counter()
   compiled = common.compile_step(inputs)
   compile_s = time.perf_counter() - start
   rss_compiled = peak_rss_mb()
-  jax.clear_caches()  # As train.run after compiling.
-  host_memory.return_freed()
+  train.release_executables()  # As train.run after compiling.
   analysis = compiled.memory_analysis()
   point = {'implementation': f'synqt_jax {variant}', 'batch': batch_size,
            'tokens': tokens, 'compile_s': compile_s,

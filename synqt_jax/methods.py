@@ -173,7 +173,7 @@ REGISTRY = {
             config_fields.Field('kv_dtype', 'float32',
                                 lambda x: x in synqt.KV_DTYPES,
                                 f'one of {tuple(synqt.KV_DTYPES)}'),
-            # Images the frozen image path runs at once (0: automatic, a few
+            # Images the frozen image path runs at once (0: automatic, one
             # on a CPU, the whole batch on a GPU/TPU; same numbers).
             config_fields.Field('image_path_batch', 0,
                                 lambda x: config_fields.is_int(x) and x >= 0,
