@@ -165,6 +165,41 @@ def step_seconds(compiled, state, frozen, batches, steps):
   return times
 
 
+def image_path_flops(vit):
+  """Floating-point operations of the frozen image path for one image.
+
+  Two per multiply-add, matmuls only: the patch embedding, every block but
+  the last in full (Q/K/V, attention scores and values, output projection,
+  MLP), and the last block's keys and values alone, as `image_path` computes.
+  Every SynQT step, and the reference's, runs at least this.
+  """
+  n, d, m = vit.num_tokens, vit.hidden_size, vit.mlp_dim
+  patches = (vit.image_size // vit.patch_size) ** 2 * vit.patch_size ** 2 * 3 * d
+  block = 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+  return 2 * (patches + (vit.num_layers - 1) * block + 2 * n * d * d)
+
+
+def matmul_gflops(vit, repeats=5):
+  """JAX's best float32 matmul throughput here, in GFLOP/s.
+
+  The best of a 4096^2 product and the image path's MLP product on one image
+  and on 16 (tokens x width times width x MLP width): the most of this
+  machine's matmul speed a step can use, so `image_path_flops` over it bounds
+  any step's time from below.
+  """
+  n, d, m = vit.num_tokens, vit.hidden_size, vit.mlp_dim
+  best = 0.0
+  for rows, inner, cols in ((4096, 4096, 4096), (n, d, m), (16 * n, d, m)):
+    a, b = jnp.ones((rows, inner)), jnp.ones((inner, cols))
+    product = jax.jit(jnp.matmul)
+    product(a, b).block_until_ready()
+    for _ in range(repeats):
+      start = time.perf_counter()
+      product(a, b).block_until_ready()
+      best = max(best, 2 * rows * inner * cols / (time.perf_counter() - start) / 1e9)
+  return best
+
+
 def backend_description():
   device = jax.local_devices()[0]
   return {'backend': jax.default_backend(), 'device': device.device_kind,

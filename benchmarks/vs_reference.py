@@ -14,7 +14,10 @@ bfloat16 (backbone_dtype). Per point:
 images per second (median step after a warm-up step), seconds to compile,
 and the peak resident memory of the whole process (ru_maxrss). A last run
 repeats keep_kv at the first batch size with the persistent compilation
-cache the first one filled: it compiles nothing.
+cache the first one filled: it compiles nothing. Last, the compute bound:
+the image path's matmuls (`common.image_path_flops`) at JAX's best float32
+matmul throughput on this machine, measured in the same run, give the most
+img/s this project's step can reach, and what that is against the reference.
 
 --reference: the reference's checkout (or its synqt.py). Its train step runs
 in a venv made at <checkout>/venv on first use (torch 2.x CPU, timm 0.4.12 as
@@ -201,15 +204,40 @@ def reference(python, synqt_py, stand_in, backbone, batch_size):
   return {'implementation': 'reference', 'batch': batch_size, **point}
 
 
-def with_ratios(points):
-  """Each of our points with its ratios to the reference at its batch size."""
+def compute_bound():
+  """The most img/s this project's step can reach on this machine: the image
+  path's matmuls alone, at JAX's best float32 matmul throughput here, measured
+  now (`common.matmul_gflops`)."""
+  gflops = common.matmul_gflops(common.VIT_B16)
+  gflop = common.image_path_flops(common.VIT_B16) / 1e9
+  return {'matmul_gflops': gflops, 'image_path_gflop_per_image': gflop,
+          'img_per_s_at_most': gflops / gflop}
+
+
+def with_ratios(points, bound):
+  """Each point with its share of the compute bound, and each of ours with
+  its ratios to the reference at its batch size."""
   for point in points:
+    if 'error' not in point:
+      point['img_per_s_vs_bound'] = point['img_per_s'] / bound['img_per_s_at_most']
     base = [p for p in points if p['implementation'] == 'reference'
             and p['batch'] == point['batch'] and 'error' not in p]
     if base and 'error' not in point and point is not base[0]:
       point['peak_rss_vs_reference'] = point['peak_rss_mb'] / base[0]['peak_rss_mb']
       point['img_per_s_vs_reference'] = point['img_per_s'] / base[0]['img_per_s']
   return points
+
+
+def print_bound(bound, points):
+  """One line: the compute bound, and what it allows against the reference."""
+  allowed = ', '.join(
+      f'{bound["img_per_s_at_most"] / p["img_per_s"]:.2f}x the reference at batch '
+      f'{p["batch"]}'
+      for p in points if p['implementation'] == 'reference' and 'error' not in p)
+  print(f'Compute bound: {bound["image_path_gflop_per_image"]:.1f} GFLOP an image '
+        f'at {bound["matmul_gflops"]:.0f} GFLOP/s (JAX float32 matmul, measured now): '
+        f'at most {bound["img_per_s_at_most"]:.2f} img/s'
+        + (f': {allowed}.' if allowed else '.'))
 
 
 def print_table(points):
@@ -264,16 +292,17 @@ def main(argv):
            'image_size': 224, 'tokens': _TOKENS.value, 'steps': _STEPS.value,
            'cpu_count': os.cpu_count(),
            'reference': ('measured' if python is not None
-                         else f'not measured: {stand_in}')}
+                         else f'not measured: {stand_in}'),
+           'compute_bound': compute_bound()}
   points = []
 
   def add(point):
     """Prints the point; the JSON so far is written after each (a long run)."""
     points.append(point)
+    with_ratios(points, setup['compute_bound'])
     print_table(points[-1:])
     if _JSON.value:
-      common.write_json(_JSON.value, {'setup': setup,
-                                      'points': with_ratios(points)})
+      common.write_json(_JSON.value, {'setup': setup, 'points': points})
 
   with tempfile.TemporaryDirectory() as scratch:
     cache = os.path.join(scratch, 'xla')
@@ -290,6 +319,7 @@ def main(argv):
     add(warm)
   print(setup)
   print_table(points)
+  print_bound(setup['compute_bound'], points)
 
 
 if __name__ == '__main__':

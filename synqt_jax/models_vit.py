@@ -315,8 +315,7 @@ class VisionTransformer(nn.Module):
     """
     c = self.config
     batch = images.shape[0]
-    size = batch if piece is None else max(
-        n for n in range(1, min(piece, batch) + 1) if batch % n == 0)
+    size = batch if piece is None else largest_divisor(batch, piece)
     drop = drop_path_inputs(c.num_layers, drop_rate, rng)
 
     def through_blocks(x, start):
@@ -355,6 +354,11 @@ class VisionTransformer(nn.Module):
     """The pre-trained classifier: class token (or token mean) -> pre_logits -> head."""
     x = self.representation(self.pool(self.Transformer(self.tokens(images))))
     return self.head(x) if self.config.num_classes is not None else x
+
+
+def largest_divisor(n, at_most):
+  """The largest divisor of `n` up to `at_most` (at least 1)."""
+  return max(d for d in range(1, min(at_most, n) + 1) if n % d == 0)
 
 
 def drop_path_inputs(num_layers, rate, rng):

@@ -58,8 +58,8 @@ class SynQTConfig:
   image_drop_path: bool = True  # False when training from a feature cache.
   # What online training keeps of the image path for the backward pass: every
   # block's K/V ('keep_kv'), or only the input tokens, re-running both paths
-  # an eighth of the batch at a time in the backward pass ('recompute', see
-  # image_path_memory.py: ~1/6 of the memory, twice the image-path compute).
+  # at most an eighth of the batch at a time in the backward pass ('recompute',
+  # see image_path_memory.py: ~1/6 of the memory, twice the image-path compute).
   image_path_memory: str = 'keep_kv'
   # The K/V's storage (KV_DTYPES); the query path computes in the ViT's dtype.
   kv_dtype: str = 'float32'

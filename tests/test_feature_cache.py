@@ -21,6 +21,7 @@ import pytest
 from synqt_jax import checkpoint
 from synqt_jax import deferred_eval
 from synqt_jax import feature_cache
+from synqt_jax import image_path_memory
 from synqt_jax import input_pipeline
 from synqt_jax import methods
 from synqt_jax import random_vit
@@ -455,6 +456,14 @@ def test_recompute_mode_has_the_same_gradients_and_less_memory(batch):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                recompute_grads, grads)
   assert recompute_bytes < keep_kv_bytes
+
+
+@pytest.mark.parametrize('batch, backend, images', [
+    (64, 'cpu', 2), (64, 'gpu', 8), (256, 'tpu', 32), (12, 'cpu', 2),
+    (9, 'cpu', 1), (9, 'gpu', 3), (7, 'gpu', 1), (1, 'cpu', 1)])
+def test_recompute_pieces_are_an_eighth_of_the_batch_and_two_images_on_a_cpu(
+    batch, backend, images):
+  assert image_path_memory.piece_images(batch, backend) == images
 
 
 def test_memory_mode_is_checked():
