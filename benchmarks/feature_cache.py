@@ -82,7 +82,7 @@ def compiled_train_step(method, frozen, batch):
                                                        abstract=False))
   frozen = common.with_device_axis(frozen)
   start = time.perf_counter()
-  compiled = common.pmapped_train_step().lower(state, frozen, batch).compile()
+  compiled = common.compile_step((state, frozen, batch))
   return compiled, (state, frozen), time.perf_counter() - start
 
 

@@ -14,8 +14,8 @@ whatever the number of pieces):
   - backward: a piece re-runs its forward pass under `jax.vjp`, so its K/V
     are kept for that piece alone, and adds its parameter gradients.
 Alive at once: the batch's input tokens and one piece's K/V (at most an
-eighth of the default mode's), for twice the image-path compute. The head runs on the
-whole batch, outside.
+eighth of the default mode's), for twice the image-path compute. The head
+runs on the whole batch, outside.
 
 Why a custom VJP rather than `jax.checkpoint` of each scanned block: that
 would keep every block's input tokens for the whole batch (half of the K/V),
