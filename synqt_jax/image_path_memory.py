@@ -101,9 +101,10 @@ def _recomputed(piece, batch):
   Gradients reach `trainable` only: the image tokens, the frozen parameters
   and the keys take none.
   """
-  pieces = batch // piece_images(batch)
+  size = piece_images(batch)
+  pieces = batch // size
   split = lambda tree: jax.tree.map(
-      lambda a: a.reshape((pieces, batch // pieces) + a.shape[1:]), tree)
+      lambda a: a.reshape((pieces, size) + a.shape[1:]), tree)
   merge = lambda tree: jax.tree.map(
       lambda a: a.reshape((batch,) + a.shape[2:]), tree)
 
