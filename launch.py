@@ -5,7 +5,7 @@ Train (running again on the same workdir resumes):
   python launch.py --config configs/tiny.py --workdir runs/tiny \
       --config.optim.epochs=20
 
-Sweep (every combination of a grid from one feature cache; synqt_jax/sweep.py):
+Sweep (every combination of a grid from one feature cache; synqt_jax/training/sweep.py):
   python launch.py sweep --config configs/vtab1k.py:dtd --workdir runs/dtd \
       --config.train.feature_cache=host --select_on val200 \
       --grid 'synqt.token_nums=1,4,16' --grid 'optim.lr=1e-3,3e-3'
@@ -31,12 +31,12 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from synqt_jax import compilation_cache
-from synqt_jax import config_fields
+from synqt_jax.training import compilation_cache
+from synqt_jax.config import fields as config_fields
 from synqt_jax import errors
 from synqt_jax import predict as predict_lib
-from synqt_jax import sweep as sweep_lib
-from synqt_jax import train as train_lib
+from synqt_jax.training import sweep as sweep_lib
+from synqt_jax.training import train as train_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Training config file, e.g. configs/vtab1k.py:cifar100.',

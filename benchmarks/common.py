@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import common as common_config
-from synqt_jax import checkpoint
-from synqt_jax import host_memory
-from synqt_jax import methods
-from synqt_jax import models_vit
-from synqt_jax import train
+from synqt_jax.weights import checkpoint
+from synqt_jax.training import host_memory
+from synqt_jax.models import methods
+from synqt_jax.models import vit as models_vit
+from synqt_jax.training import train
 
 # ViT-B/16 at 224, headless, as SynQT uses the ImageNet-21k checkpoint.
 VIT_B16 = models_vit.ViTConfig(hidden_size=768, num_layers=12, num_heads=12,

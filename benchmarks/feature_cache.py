@@ -30,10 +30,10 @@ import jax
 import numpy as np
 
 from benchmarks import common
-from synqt_jax import feature_cache
-from synqt_jax import input_pipeline
-from synqt_jax import methods
-from synqt_jax import synqt
+from synqt_jax.training import feature_cache
+from synqt_jax.data import input_pipeline
+from synqt_jax.models import methods
+from synqt_jax.models import synqt
 
 BATCH = 64
 NUM_CLASSES = common.NUM_CLASSES

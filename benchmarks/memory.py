@@ -24,7 +24,7 @@ import jax
 import matplotlib.pyplot as plt
 
 from benchmarks import common
-from synqt_jax import methods
+from synqt_jax.models import methods
 
 GIB = 2 ** 30
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import common
-from synqt_jax import methods
+from synqt_jax.models import methods
 
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Images per step.')
 _STEPS = flags.DEFINE_integer('steps', 3, 'Timed steps per method, after one warm-up.')

@@ -40,11 +40,11 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks import feature_cache as cache_benchmark
-from synqt_jax import input_pipeline
-from synqt_jax import methods
-from synqt_jax import sweep
-from synqt_jax import synqt
-from synqt_jax import train
+from synqt_jax.data import input_pipeline
+from synqt_jax.models import methods
+from synqt_jax.training import sweep
+from synqt_jax.models import synqt
+from synqt_jax.training import train
 
 BATCH = cache_benchmark.BATCH
 TOKENS = (1, 4, 16)

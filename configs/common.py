@@ -4,13 +4,13 @@ Task configs (`vtab1k.py`, `fgvc.py`, `tiny.py`) start from `get_config()` and
 change only what differs. `{workdir}` in `backbone.source` or `data.root` is
 replaced by the run's workdir. Each tuning method's own section
 (`config.synqt`, `config.lora`, `config.full`) comes from its fields in the
-registry, synqt_jax/methods.py.
+registry, synqt_jax/models/methods.py.
 """
 import ml_collections
 from ml_collections import config_dict
 
-from synqt_jax import config_fields
-from synqt_jax import methods
+from synqt_jax.config import fields as config_fields
+from synqt_jax.models import methods
 
 
 def get_config():

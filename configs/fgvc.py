@@ -23,7 +23,7 @@ Training is on train+val (the final-run protocol). For model selection:
 on train+val). The feature cache is refused with augmentation on.
 """
 from configs import common
-from synqt_jax import tasks
+from synqt_jax.data import tasks
 
 # VPT's configs/base-prompt.yaml (every FGVC dataset).
 VPT_SCHEDULE = dict(epochs=100, warmup_epochs=10, batch_size=128)

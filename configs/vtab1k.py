@@ -3,11 +3,11 @@
   python launch.py --config configs/vtab1k.py:cifar100 --workdir runs/cifar100
 
 The argument is a task name or alias (`cifar`, `kitti`, ...; see
-synqt_jax/tasks.py). Data comes from TFDS by default; for NOAH/VPT prepared
+synqt_jax/data/tasks.py). Data comes from TFDS by default; for NOAH/VPT prepared
 folders add `--config.data.source=folder --config.data.root=/path/to/vtab-1k`.
 """
 from configs import common
-from synqt_jax import tasks
+from synqt_jax.data import tasks
 
 # token_nums, attn_scale, ffn_scale, feat_scale (docs/vtab1k_hparams.md).
 HPARAMS = {

@@ -8,12 +8,12 @@ from etils import epath
 import jax
 import numpy as np
 
-from synqt_jax import config_fields
+from synqt_jax.config import fields as config_fields
 from synqt_jax import errors
-from synqt_jax import export
-from synqt_jax import folders
-from synqt_jax import input_pipeline
-from synqt_jax import methods
+from synqt_jax.weights import export
+from synqt_jax.data import folders
+from synqt_jax.data import input_pipeline
+from synqt_jax.models import methods
 
 
 class PredictInputError(errors.UserError, ValueError):

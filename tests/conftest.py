@@ -13,7 +13,7 @@ import tempfile
 import numpy as np
 import pytest
 
-from synqt_jax import random_vit
+from synqt_jax.testing import random_vit
 
 
 @pytest.fixture

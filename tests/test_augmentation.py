@@ -10,10 +10,10 @@ from PIL import Image
 import pytest
 
 from configs import fgvc
-from synqt_jax import config_validation
-from synqt_jax import input_pipeline
-from synqt_jax import tasks
-from synqt_jax import train
+from synqt_jax.config import validation as config_validation
+from synqt_jax.data import input_pipeline
+from synqt_jax.data import tasks
+from synqt_jax.training import train
 from training_runs import compilation_cache  # pylint: disable=unused-import
 from training_runs import final_params
 from training_runs import read_metrics

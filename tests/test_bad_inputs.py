@@ -24,9 +24,9 @@ import pytest
 import launch
 from synqt_jax import demo
 from synqt_jax import errors
-from synqt_jax import export
-from synqt_jax import methods
-from synqt_jax import train
+from synqt_jax.weights import export
+from synqt_jax.models import methods
+from synqt_jax.training import train
 from training_runs import compilation_cache  # pylint: disable=unused-import
 from training_runs import launch_env
 from training_runs import REPO
@@ -246,8 +246,10 @@ def test_a_bug_keeps_its_traceback(parsed_flags, tmp_path, monkeypatch):
 
 def test_every_designed_error_is_a_user_error():
   """Defect 7: launch.py shows these as one line."""
-  from synqt_jax import checkpoint, folders, input_pipeline, nonfinite  # pylint: disable=g-import-not-at-top
-  from synqt_jax import predict, tasks, train_checkpoints, workdir  # pylint: disable=g-import-not-at-top
+  from synqt_jax.weights import checkpoint, folders, input_pipeline, nonfinite  # pylint: disable=g-import-not-at-top
+  from synqt_jax import predict  # pylint: disable=g-import-not-at-top
+  from synqt_jax.data import tasks  # pylint: disable=g-import-not-at-top
+  from synqt_jax.training import train_checkpoints, workdir  # pylint: disable=g-import-not-at-top
   designed = [checkpoint.CheckpointError, export.ExportError,
               folders.FolderNotFoundError, folders.SplitFileError,
               folders.MissingImageError, folders.CorruptImageError,

@@ -8,14 +8,14 @@ import numpy as np
 import optax
 import pytest
 
-from synqt_jax import baselines
-from synqt_jax import checkpoint
-from synqt_jax import export
-from synqt_jax import methods
-from synqt_jax import models_vit
-from synqt_jax import random_vit
-from synqt_jax import synqt
-from synqt_jax import train
+from synqt_jax.models import baselines
+from synqt_jax.weights import checkpoint
+from synqt_jax.weights import export
+from synqt_jax.models import methods
+from synqt_jax.models import vit as models_vit
+from synqt_jax.testing import random_vit
+from synqt_jax.models import synqt
+from synqt_jax.training import train
 from training_runs import compilation_cache  # pylint: disable=unused-import
 from training_runs import tiny_config
 

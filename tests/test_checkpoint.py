@@ -13,12 +13,12 @@ import numpy as np
 import optax
 import pytest
 
-from synqt_jax import checkpoint
-from synqt_jax import methods
-from synqt_jax import models_resnet
-from synqt_jax import models_vit
-from synqt_jax import random_vit
-from synqt_jax import synqt
+from synqt_jax.weights import checkpoint
+from synqt_jax.models import methods
+from synqt_jax.models import resnet as models_resnet
+from synqt_jax.models import vit as models_vit
+from synqt_jax.testing import random_vit
+from synqt_jax.models import synqt
 
 POS = 'Transformer/posembed_input/pos_embedding'
 

@@ -9,12 +9,12 @@ import pytest
 from configs import fgvc
 from configs import tiny
 from configs import vtab1k
-from synqt_jax import config_validation
-from synqt_jax import input_pipeline
-from synqt_jax import methods
-from synqt_jax import models_vit
-from synqt_jax import tasks
-from synqt_jax import train
+from synqt_jax.config import validation as config_validation
+from synqt_jax.data import input_pipeline
+from synqt_jax.models import methods
+from synqt_jax.models import vit as models_vit
+from synqt_jax.data import tasks
+from synqt_jax.training import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

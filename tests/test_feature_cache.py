@@ -18,14 +18,14 @@ import numpy as np
 import optax
 import pytest
 
-from synqt_jax import checkpoint
-from synqt_jax import deferred_eval
-from synqt_jax import feature_cache
-from synqt_jax import image_path_memory
-from synqt_jax import input_pipeline
-from synqt_jax import methods
-from synqt_jax import random_vit
-from synqt_jax import synqt
+from synqt_jax.weights import checkpoint
+from synqt_jax.training import deferred_eval
+from synqt_jax.training import feature_cache
+from synqt_jax.models import recompute
+from synqt_jax.data import input_pipeline
+from synqt_jax.models import methods
+from synqt_jax.testing import random_vit
+from synqt_jax.models import synqt
 
 NUM_CLASSES = 5
 BATCH = 16
@@ -273,7 +273,7 @@ def test_device_mode_over_two_devices():
   script = textwrap.dedent(f"""
       import flax.jax_utils, jax, numpy as np
       assert jax.local_device_count() == 2
-      from synqt_jax import feature_cache
+      from synqt_jax.training import feature_cache
       sys_path = {os.path.dirname(__file__)!r}
       import sys; sys.path.insert(0, sys_path)
       import test_feature_cache as t
@@ -463,7 +463,7 @@ def test_recompute_mode_has_the_same_gradients_and_less_memory(batch):
     (9, 'cpu', 1), (9, 'gpu', 3), (7, 'gpu', 1), (1, 'cpu', 1)])
 def test_recompute_pieces_are_an_eighth_of_the_batch_and_two_images_on_a_cpu(
     batch, backend, images):
-  assert image_path_memory.piece_images(batch, backend) == images
+  assert recompute.piece_images(batch, backend) == images
 
 
 def test_memory_mode_is_checked():

@@ -10,11 +10,11 @@ from PIL import Image
 import pytest
 
 from synqt_jax import demo
-from synqt_jax import export
-from synqt_jax import folders
-from synqt_jax import input_pipeline
-from synqt_jax import random_vit
-from synqt_jax import tasks
+from synqt_jax.weights import export
+from synqt_jax.data import folders
+from synqt_jax.data import input_pipeline
+from synqt_jax.testing import random_vit
+from synqt_jax.data import tasks
 from training_runs import compilation_cache  # pylint: disable=unused-import
 from training_runs import launch_env
 from training_runs import REPO

@@ -5,9 +5,9 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from synqt_jax import folders
-from synqt_jax import input_pipeline
-from synqt_jax import tasks
+from synqt_jax.data import folders
+from synqt_jax.data import input_pipeline
+from synqt_jax.data import tasks
 
 GRADIENT16 = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
 

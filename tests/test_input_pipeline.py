@@ -9,8 +9,8 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from synqt_jax import input_pipeline
-from synqt_jax import tasks
+from synqt_jax.data import input_pipeline
+from synqt_jax.data import tasks
 
 
 # Preprocessing.

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from synqt_jax import nonfinite
+from synqt_jax.training import nonfinite
 
 
 def test_nan_loss_names_the_step_the_learning_rate_and_the_last_checkpoint():

@@ -14,7 +14,7 @@ import nbformat
 import pytest
 
 from synqt_jax import colab_setup
-from synqt_jax import models_vit
+from synqt_jax.models import vit as models_vit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

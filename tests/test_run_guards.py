@@ -3,7 +3,7 @@
 Each case is a bad run that must stop with one `Error:` line and exit 1,
 before it writes anything broken: a changed config on a finished or a
 resumed workdir, a diverging run, a NaN backbone, a corrupt test image, two
-runs on one workdir. They need train.py to call synqt_jax/workdir.py,
+runs on one workdir. They need train.py to call synqt_jax/training/workdir.py,
 nonfinite.py and Source.check_images (see those modules).
 """
 import os
@@ -17,8 +17,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from synqt_jax import demo
-from synqt_jax import nonfinite
-from synqt_jax import train
+from synqt_jax.training import nonfinite
+from synqt_jax.training import train
 from training_runs import compilation_cache  # pylint: disable=unused-import
 from training_runs import launch_command
 from training_runs import launch_env

@@ -16,8 +16,8 @@ import jax
 import numpy as np
 import pytest
 
-from synqt_jax import sweep
-from synqt_jax import train
+from synqt_jax.training import sweep
+from synqt_jax.training import train
 from training_runs import compilation_cache  # pylint: disable=unused-import
 from training_runs import final_params
 from training_runs import launch_command

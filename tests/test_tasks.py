@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from synqt_jax import tasks
+from synqt_jax.data import tasks
 
 # From docs/data.md: task -> (classes, full TFDS split sizes, test size).
 VTAB = {

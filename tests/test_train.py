@@ -18,12 +18,12 @@ import optax
 import pytest
 
 from synqt_jax import demo
-from synqt_jax import export
-from synqt_jax import host_memory
-from synqt_jax import input_pipeline
-from synqt_jax import methods
+from synqt_jax.weights import export
+from synqt_jax.training import host_memory
+from synqt_jax.data import input_pipeline
+from synqt_jax.models import methods
 from synqt_jax import predict
-from synqt_jax import train
+from synqt_jax.training import train
 from training_runs import compilation_cache  # pylint: disable=unused-import
 from training_runs import final_params
 from training_runs import free_port

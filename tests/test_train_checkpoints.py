@@ -8,7 +8,7 @@ import types
 import numpy as np
 import pytest
 
-from synqt_jax import train_checkpoints
+from synqt_jax.training import train_checkpoints
 
 
 def state(seed, size=8, leaves=40):

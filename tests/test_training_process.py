@@ -15,8 +15,8 @@ import pytest
 from tensorboard.backend.event_processing import event_file_loader
 from tensorboard.util import tensor_util
 
-from synqt_jax import compilation_cache
-from synqt_jax import host_memory
+from synqt_jax.training import compilation_cache
+from synqt_jax.training import host_memory
 from training_runs import launch_command
 from training_runs import launch_env
 from training_runs import read_log

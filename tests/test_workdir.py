@@ -9,7 +9,7 @@ import tempfile
 
 import pytest
 
-from synqt_jax import workdir
+from synqt_jax.training import workdir
 from training_runs import tiny_config
 
 
@@ -37,7 +37,7 @@ def test_read_only_workdir_is_refused(tmp_path, monkeypatch):
 
 HOLD_LOCK = """
 import sys, time
-from synqt_jax import workdir
+from synqt_jax.training import workdir
 with workdir.locked(sys.argv[1]):
   print('locked', flush=True)
   time.sleep(60)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from synqt_jax import export
+from synqt_jax.weights import export
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # LLVM -O0 halves XLA's compile time on CPU, and compiling is most of what

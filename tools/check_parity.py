@@ -7,15 +7,15 @@ Usage:
 
 Each file passes when this project and the reference are equally close to a float64
 evaluation (logits within 1e-4, gradients within 1e-3 relative, or within a factor
-2 of each other; see synqt_jax/parity.py). Exits 1 if any file fails.
+2 of each other; see synqt_jax/testing/parity.py). Exits 1 if any file fails.
 """
 import argparse
 import glob
 import os
 import sys
 
-from synqt_jax import checkpoint
-from synqt_jax import parity
+from synqt_jax.weights import checkpoint
+from synqt_jax.testing import parity
 
 CASES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                      'tests', 'data', 'parity')

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from synqt_jax import random_vit
+from synqt_jax.testing import random_vit
 
 # Width 768 and depth 12 are fixed by the reference (`range(12)`, `view(bs, 1, 768)`,
 # 37 = 1 + 3 * 12 combine weights, 768-wide adapters); heads, MLP width, patch and

@@ -29,13 +29,13 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from synqt_jax import baselines
-from synqt_jax import checkpoint
-from synqt_jax import config_fields
-from synqt_jax import image_path_memory
-from synqt_jax import input_pipeline
-from synqt_jax import models_vit
-from synqt_jax import synqt
+from synqt_jax.models import baselines
+from synqt_jax.weights import checkpoint
+from synqt_jax.config import fields as config_fields
+from synqt_jax.models import recompute
+from synqt_jax.data import input_pipeline
+from synqt_jax.models import vit as models_vit
+from synqt_jax.models import synqt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +64,7 @@ class SynQT:
 
   def apply(self, trainable, frozen, images, train=False, rngs=None):
     if train and self.config.image_path_memory == 'recompute':
-      return image_path_memory.training_logits(self, trainable, frozen, images,
+      return recompute.training_logits(self, trainable, frozen, images,
                                                rngs)
     return self.model.apply({'params': {**trainable, **frozen}}, images,
                             train=train, rngs=rngs)

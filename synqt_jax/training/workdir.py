@@ -35,7 +35,7 @@ from typing import Any, Iterator
 from absl import logging
 from etils import epath
 
-from synqt_jax import config_fields
+from synqt_jax.config import fields as config_fields
 from synqt_jax import errors
 
 IDENTITY_FILE = 'identity.json'

@@ -33,9 +33,9 @@ import scipy.ndimage
 import tqdm
 
 from synqt_jax import errors
-from synqt_jax import host_memory
-from synqt_jax import models_resnet
-from synqt_jax import models_vit
+from synqt_jax.training import host_memory
+from synqt_jax.models import resnet as models_resnet
+from synqt_jax.models import vit as models_vit
 
 GCS_ROOT = 'https://storage.googleapis.com/vit_models'
 # Collections of published checkpoints, as laid out in gs://vit_models/.

@@ -14,10 +14,10 @@ import zipfile
 from etils import epath
 import numpy as np
 
-from synqt_jax import checkpoint
+from synqt_jax.weights import checkpoint
 from synqt_jax import errors
-from synqt_jax import input_pipeline
-from synqt_jax import workdir
+from synqt_jax.data import input_pipeline
+from synqt_jax.training import workdir
 
 METADATA_KEY = '__metadata__'
 FORMAT_VERSION = 1

@@ -48,10 +48,10 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from synqt_jax import checkpoint
-from synqt_jax import host_memory
-from synqt_jax import input_pipeline
-from synqt_jax import synqt
+from synqt_jax.weights import checkpoint
+from synqt_jax.training import host_memory
+from synqt_jax.data import input_pipeline
+from synqt_jax.models import synqt
 
 FORMAT_VERSION = 2  # 2: checksums of the rows and labels.
 CHUNK_BYTES = 1 << 26  # Checksummed chunks of rows: ~64 MB each.

@@ -40,7 +40,7 @@ from PIL import Image
 import tqdm
 
 from synqt_jax import errors
-from synqt_jax import tasks
+from synqt_jax.data import tasks
 
 SPLIT_FILE_EXTENSIONS = ('.txt', '.json')
 # The image files an ImageFolder class directory holds (torchvision's list).

@@ -51,11 +51,11 @@ from PIL import Image
 import tensorflow_datasets as tfds
 import tqdm
 
-from synqt_jax import checkpoint
-from synqt_jax import config_fields
+from synqt_jax.weights import checkpoint
+from synqt_jax.config import fields as config_fields
 from synqt_jax import errors
-from synqt_jax import folders
-from synqt_jax import tasks
+from synqt_jax.data import folders
+from synqt_jax.data import tasks
 
 SOURCES = ('tfds', 'folder')
 AUGMENTATIONS = ('none', 'vpt')

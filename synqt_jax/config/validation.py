@@ -7,12 +7,12 @@ import inspect
 
 import optax
 
-from synqt_jax import checkpoint
-from synqt_jax import config_fields
+from synqt_jax.weights import checkpoint
+from synqt_jax.config import fields as config_fields
 from synqt_jax import errors
-from synqt_jax import feature_cache
-from synqt_jax import input_pipeline
-from synqt_jax import methods
+from synqt_jax.training import feature_cache
+from synqt_jax.data import input_pipeline
+from synqt_jax.models import methods
 
 FEATURE_CACHES = ('none',) + feature_cache.MODES
 

@@ -16,7 +16,7 @@ import jax
 import tensorboardX
 import tqdm
 
-from synqt_jax import workdir as workdir_lib
+from synqt_jax.training import workdir as workdir_lib
 
 
 class MetricsLog:

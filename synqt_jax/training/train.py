@@ -49,18 +49,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from synqt_jax import config_fields
-from synqt_jax import config_validation
-from synqt_jax import deferred_eval
-from synqt_jax import export
-from synqt_jax import feature_cache
-from synqt_jax import host_memory
-from synqt_jax import input_pipeline
-from synqt_jax import methods
-from synqt_jax import metrics_log
-from synqt_jax import nonfinite
-from synqt_jax import train_checkpoints
-from synqt_jax import workdir as workdir_lib
+from synqt_jax.config import fields as config_fields
+from synqt_jax.config import validation as config_validation
+from synqt_jax.training import deferred_eval
+from synqt_jax.weights import export
+from synqt_jax.training import feature_cache
+from synqt_jax.training import host_memory
+from synqt_jax.data import input_pipeline
+from synqt_jax.models import methods
+from synqt_jax.training import metrics_log
+from synqt_jax.training import nonfinite
+from synqt_jax.training import train_checkpoints
+from synqt_jax.training import workdir as workdir_lib
 
 AXIS = 'batch'  # The pmapped axis: one entry per device of every host.
 

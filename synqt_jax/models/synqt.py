@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from synqt_jax import models_vit
+from synqt_jax.models import vit as models_vit
 
 # Every LayerNorm of the SynQT module uses PyTorch's default epsilon.
 SYNQT_LN_EPS = 1e-5

@@ -12,8 +12,8 @@ from typing import Mapping
 
 import numpy as np
 
-from synqt_jax import checkpoint
-from synqt_jax import synqt
+from synqt_jax.weights import checkpoint
+from synqt_jax.models import synqt
 
 UNUSED = re.compile(r'^synqt\.(pre_norm\.\d+\.(weight|bias)|out_combine\.weight)$')
 RENAMES = {'out_combine/get_weight/fc1': 'combine'}

@@ -45,14 +45,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from synqt_jax import config_validation
-from synqt_jax import deferred_eval
-from synqt_jax import host_memory
-from synqt_jax import methods
-from synqt_jax import metrics_log
-from synqt_jax import nonfinite
-from synqt_jax import train
-from synqt_jax import workdir as workdir_lib
+from synqt_jax.config import validation as config_validation
+from synqt_jax.training import deferred_eval
+from synqt_jax.training import host_memory
+from synqt_jax.models import methods
+from synqt_jax.training import metrics_log
+from synqt_jax.training import nonfinite
+from synqt_jax.training import train
+from synqt_jax.training import workdir as workdir_lib
 
 # The reference's search (one combination chosen per VTAB-1k task).
 REFERENCE_GRID = {'synqt.token_nums': (1, 4, 16),

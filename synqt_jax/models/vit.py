@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from synqt_jax import models_resnet
+from synqt_jax.models import resnet as models_resnet
 
 # The backbone's LayerNorm epsilon: timm's and Google's ViT both use 1e-6.
 BACKBONE_LN_EPS = 1e-6

@@ -16,7 +16,7 @@ import flax.jax_utils
 import jax
 import jax.numpy as jnp
 
-from synqt_jax import input_pipeline
+from synqt_jax.data import input_pipeline
 
 AXIS = 'batch'
 

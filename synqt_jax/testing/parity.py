@@ -32,10 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from synqt_jax import checkpoint
-from synqt_jax import random_vit
-from synqt_jax import reference
-from synqt_jax import synqt
+from synqt_jax.weights import checkpoint
+from synqt_jax.testing import random_vit
+from synqt_jax.testing import reference
+from synqt_jax.models import synqt
 
 LOGIT_TOL = 1e-4  # Absolute, on the logits.
 GRAD_TOL = 1e-3  # Relative, as described above.
@@ -126,7 +126,7 @@ def load_backbone(backbone_path, arrays, image_size, reference_path):
   if 'backbone' not in arrays:
     raise checkpoint.CheckpointError(
         f'{reference_path!r} does not name its backbone: pass the backbone .npz it '
-        f'was computed on (for official_synqt_t4.npz: python -m synqt_jax.random_vit '
+        f'was computed on (for official_synqt_t4.npz: python -m synqt_jax.testing.random_vit '
         f'vit.npz).')
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, 'backbone.npz')

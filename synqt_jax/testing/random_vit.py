@@ -4,7 +4,7 @@ SynQT parameters under the PyTorch reference's names.
 For tests, the offline demo config and the parity check (docs/parity.md: the
 reference files in tests/data were computed on `make(...)` backbones, and the small
 ones on `reference_parameters(...)`). NumPy only, so that the reference's PyTorch
-environment can import it too. Run as `python -m synqt_jax.random_vit out.npz [--width ...]`.
+environment can import it too. Run as `python -m synqt_jax.testing.random_vit out.npz [--width ...]`.
 
 Key names and shapes follow the public imagenet21k ViT-*.npz files
 (embedding/kernel HWIO, Transformer/encoderblock_i/MultiHeadDotProductAttention_1/
