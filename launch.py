@@ -35,6 +35,7 @@ from synqt_jax.training import compilation_cache
 from synqt_jax.config import fields as config_fields
 from synqt_jax import errors
 from synqt_jax import predict as predict_lib
+from synqt_jax.training import grid as grid_lib
 from synqt_jax.training import sweep as sweep_lib
 from synqt_jax.training import train as train_lib
 
@@ -208,7 +209,7 @@ def train(argv, sweep=False):
       logging.warning(config_fields.deprecation(override))
   if sweep:
     sweep_lib.run(_CONFIG.value, _WORKDIR.value,
-                  sweep_lib.parse_grid(_GRID.value), _SELECT_ON.value,
+                  grid_lib.parse_grid(_GRID.value), _SELECT_ON.value,
                   _MAX_STACK.value)
   else:
     train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

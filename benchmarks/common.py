@@ -1,6 +1,6 @@
 """What the benchmarks share: each method's training step, built as the trainer builds it.
 
-The step is `train.train_step` under `jax.pmap` on one device, with the trainer's
+The step is `steps.train_step` under `jax.pmap` on one device, with the trainer's
 AdamW, so a figure here is a figure of a real run. `abstract=True` builds it from
 shapes alone (`jax.ShapeDtypeStruct`), enough for XLA's memory and cost analyses
 of ViT-B/16 without allocating its weights.
@@ -22,6 +22,10 @@ from synqt_jax.training import host_memory
 from synqt_jax.models import methods
 from synqt_jax.models import vit as models_vit
 from synqt_jax.training import train
+from synqt_jax.training import devices
+from synqt_jax.training import optimizer
+from synqt_jax.training import state as state_lib
+from synqt_jax.training import steps
 
 # ViT-B/16 at 224, headless, as SynQT uses the ImageNet-21k checkpoint.
 VIT_B16 = models_vit.ViTConfig(hidden_size=768, num_layers=12, num_heads=12,
@@ -46,7 +50,7 @@ def recipe_parser(doc):
 
 def learning_rate_schedule():
   """The VTAB-1k recipe's schedule (its values do not change memory or speed)."""
-  return train.learning_rate_schedule(common_config.get_config().optim, STEPS_PER_EPOCH)
+  return optimizer.learning_rate_schedule(common_config.get_config().optim, STEPS_PER_EPOCH)
 
 
 def random_backbone(vit, seed=0, dtype=jnp.float32):
@@ -75,22 +79,22 @@ def backbone_shapes(vit, dtype=jnp.float32):
 
 def initial_state(method, frozen, abstract=True):
   """The trainer's initial `TrainState` of `method` (its shapes if `abstract`)."""
-  optimizer = train.create_optimizer(common_config.get_config().optim,
+  optimizer = optimizer.create(common_config.get_config().optim,
                                      learning_rate_schedule())
 
   def create(frozen):
     params = method.init(jax.random.PRNGKey(0), frozen, None)
-    return train.TrainState.create(apply_fn=method.apply, params=params,
+    return state_lib.TrainState.create(apply_fn=method.apply, params=params,
                                    tx=optimizer, rng=jax.random.PRNGKey(1),
                                    method=method)
 
-  # Not under a jit, as train.create_train_state: a jit would copy `frozen`.
+  # Not under a jit, as state_lib.create_train_state: a jit would copy `frozen`.
   return jax.eval_shape(create, frozen) if abstract else create(frozen)
 
 
 def method_inputs(name, vit, batch_size, num_classes=NUM_CLASSES, abstract=True,
                   config=None):
-  """`(state, frozen, batch)` for `train.train_step`, each with a leading device axis.
+  """`(state, frozen, batch)` for `steps.train_step`, each with a leading device axis.
 
   Full fine-tuning holds the backbone once, in its trainable state. The
   method's options and the backbone's dtype come from `config` (default:
@@ -129,10 +133,10 @@ def device_axis(x, abstract):
 
 
 def pmapped_train_step():
-  """`train.train_step` as the trainer runs it, on the first device."""
-  return jax.pmap(functools.partial(train.train_step,
+  """`steps.train_step` as the trainer runs it, on the first device."""
+  return jax.pmap(functools.partial(steps.train_step,
                                     learning_rate_fn=learning_rate_schedule()),
-                  axis_name=train.AXIS, donate_argnums=(0,),
+                  axis_name=devices.AXIS, donate_argnums=(0,),
                   devices=jax.local_devices()[:1])
 
 
@@ -144,8 +148,8 @@ def compiled_step(name, vit, batch_size, abstract=True, config=None):
 
 def compile_step(inputs):
   """`pmapped_train_step()` compiled for `inputs` (arrays or their shapes) as
-  the trainer compiles it (`train.compiler_options`)."""
-  return pmapped_train_step().lower(*inputs).compile(train.compiler_options())
+  the trainer compiles it (`steps.compiler_options`)."""
+  return pmapped_train_step().lower(*inputs).compile(steps.compiler_options())
 
 
 def step_seconds(compiled, state, frozen, batches, steps):

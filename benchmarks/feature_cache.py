@@ -3,7 +3,7 @@
 On the machine it runs on, for ViT-B/16 (random weights,
 `common.random_backbone`) at 224, batch 64 and T query tokens per layer, it
 measures:
-  - the trainer's step (`train.train_step` under pmap) online (image path +
+  - the trainer's step (`steps.train_step` under pmap) online (image path +
     query path) and cached (query path on K/V read from a host cache through
     `FeatureCache.batches`, the gather of each batch included);
   - the cache build (`feature_cache.build`, warm) on a subset;
@@ -34,6 +34,7 @@ from synqt_jax.training import feature_cache
 from synqt_jax.data import input_pipeline
 from synqt_jax.models import methods
 from synqt_jax.models import synqt
+from synqt_jax.training import steps
 
 BATCH = 64
 NUM_CLASSES = common.NUM_CLASSES

@@ -5,9 +5,9 @@ VTAB-1k recipe (1000 training images: 16 steps an epoch, 50 epochs, 5
 evaluations on a 10,000-image test set) and the reference's 24-combination
 grid (T in {1, 4, 16} x attn/ffn/feat_scale in {0.1, 1.0}: 8 combinations per
 T), it measures on this machine:
-  - the trainer's online step (`train.train_step`, T=4: the image path
+  - the trainer's online step (`steps.train_step`, T=4: the image path
     dominates it, so it stands for every T);
-  - the sweep's step (`sweep.stacked_train_step` under pmap, on batches of a
+  - the sweep's step (`steps.train_steps` under pmap, on batches of a
     host feature cache) with 1, 2 and 4 stacked combinations at T=4 and with
     1 and `--max_stack` at T=1 and 16 (a T group of 8 trains as stacks of at
     most `--max_stack`, `sweep.MAX_STACK` by default: 8 stacked ViT-B/16
@@ -44,7 +44,9 @@ from synqt_jax.data import input_pipeline
 from synqt_jax.models import methods
 from synqt_jax.training import sweep
 from synqt_jax.models import synqt
-from synqt_jax.training import train
+from synqt_jax.training import devices
+from synqt_jax.training import grid as grid_lib
+from synqt_jax.training import steps
 
 BATCH = cache_benchmark.BATCH
 TOKENS = (1, 4, 16)
@@ -80,9 +82,9 @@ def stacked_step_seconds(tokens, stack, frozen, cache, steps):
       method, frozen, abstract=False)) for _ in range(stack))
   p_frozen = common.with_device_axis(frozen)
   step = jax.pmap(functools.partial(
-      sweep.stacked_train_step,
+      steps.train_steps,
       learning_rate_fns=(common.learning_rate_schedule(),) * stack),
-      axis_name=train.AXIS, donate_argnums=(0,),
+      axis_name=devices.AXIS, donate_argnums=(0,),
       devices=jax.local_devices()[:1])
   batches = cache.batches(BATCH, seed=0)
   first = next(batches)
@@ -138,7 +140,7 @@ def project(m, args):
 
 def stack_sizes(max_stack):
   """The stacks a T group of PER_GROUP trains as (`sweep`'s chunking)."""
-  return [len(stack) for stack in sweep.stacks(range(PER_GROUP), max_stack)]
+  return [len(stack) for stack in grid_lib.stacks(range(PER_GROUP), max_stack)]
 
 
 def print_table(results):

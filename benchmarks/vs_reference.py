@@ -7,7 +7,7 @@ ViT-B/16 at 224 with random weights, T = 4, train mode, AdamW, 100 classes, on
 this machine's CPU. Every point is a fresh process, the implementations
 alternating at each batch size: the reference (benchmarks/reference_step.py
 importing the reference's own synqt.py, from a fetched copy of the public
-repository GitHub taolinzhang/SynQT), then this project's `train.train_step`
+repository GitHub taolinzhang/SynQT), then this project's `steps.train_step`
 (the trainer's pmapped step) in each image-path memory mode, and keep_kv
 with bfloat16 K/V (synqt.kv_dtype) or with the frozen backbone held in
 bfloat16 (backbone_dtype). Per point:
@@ -46,6 +46,9 @@ from synqt_jax.training import compilation_cache
 from synqt_jax.training import host_memory
 from synqt_jax.testing import random_vit
 from synqt_jax.training import train
+from synqt_jax.training import devices
+from synqt_jax.training import state as state_lib
+from synqt_jax.training import steps
 
 _REFERENCE = flags.DEFINE_string(
     'reference', None, "The reference's checkout (holding synqt.py) or its synqt.py.")
@@ -115,13 +118,13 @@ def our_point(batch_size, variant, tokens, steps, cache):
     (config[section] if section else config)[name] = value
   inputs = common.method_inputs('synqt', common.VIT_B16, batch_size,
                                 abstract=_COMPILE_ONLY.value, config=config)
-  train.release_executables()  # As train.create_train_state.
+  devices.release_executables()  # As state_lib.create_train_state.
   rss_inputs = peak_rss_mb()
   start = time.perf_counter()
   compiled = common.compile_step(inputs)
   compile_s = time.perf_counter() - start
   rss_compiled = peak_rss_mb()
-  train.release_executables()  # As train.run after compiling.
+  devices.release_executables()  # As train.run after compiling.
   analysis = compiled.memory_analysis()
   point = {'implementation': f'synqt_jax {variant}', 'batch': batch_size,
            'tokens': tokens, 'compile_s': compile_s,

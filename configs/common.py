@@ -38,15 +38,11 @@ def get_config():
     if registered.fields:
       config[name] = config_fields.section(registered.fields)
 
-  # optax.<name>(learning_rate, **kwargs): kwargs are the fields below that
-  # are its parameters (b1, b2, eps, weight_decay for AdamW: PyTorch's AdamW,
-  # decoupled weight decay on every trainable tensor) and `optax`, e.g.
-  # name='sgd', optax={'momentum': 0.9}. Learning rate per step: linear
-  # warm-up from 0, then half-cycle cosine to min_lr.
-  config.optim = ml_collections.ConfigDict(dict(
-      name=config_fields.DEFAULT_OPTIMIZER, optax={},
-      lr=1e-3, weight_decay=1e-2, b1=0.9, b2=0.999, eps=1e-8,
-      batch_size=64, epochs=50, warmup_epochs=10, min_lr=1e-6))
+  # optax.<name>(learning_rate, **kwargs): b1, b2, eps and weight_decay where
+  # it takes them, and `optax` for its other arguments, e.g. name='sgd',
+  # optax={'momentum': 0.9} (weight_decay then adds to the gradient, as
+  # torch.optim.SGD's); synqt_jax/training/optimizer.py.
+  config.optim = ml_collections.ConfigDict(config_fields.OPTIM_DEFAULTS)
 
   # feature_cache: 'none' (online), or the training split's image-path K/V
   # computed once, in cache_dtype ('float32' exact, 'bfloat16' half the

@@ -28,7 +28,7 @@ def export_path(workdir=None, export_file=None):
         f'file){", not both" if workdir else ""}.')
   if export_file is not None:
     return export_file
-  path = os.path.join(workdir, 'export.npz')
+  path = os.path.join(workdir, export.FILE)
   if not epath.Path(path).exists():
     raise PredictInputError(
         f'{workdir!r} has no export.npz: the run has not finished. Run '

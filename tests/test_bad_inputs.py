@@ -249,14 +249,14 @@ def test_every_designed_error_is_a_user_error():
   from synqt_jax.weights import checkpoint, folders, input_pipeline, nonfinite  # pylint: disable=g-import-not-at-top
   from synqt_jax import predict  # pylint: disable=g-import-not-at-top
   from synqt_jax.data import tasks  # pylint: disable=g-import-not-at-top
-  from synqt_jax.training import train_checkpoints, workdir  # pylint: disable=g-import-not-at-top
+  from synqt_jax.training import checkpointing, workdir  # pylint: disable=g-import-not-at-top
   designed = [checkpoint.CheckpointError, export.ExportError,
               folders.FolderNotFoundError, folders.SplitFileError,
               folders.MissingImageError, folders.CorruptImageError,
               input_pipeline.DataConfigError,
               input_pipeline.TfdsNotPreparedError,
               tasks.UnknownTaskError, tasks.LabelOutOfRangeError,
-              train_checkpoints.NoUsableCheckpointError,
+              checkpointing.NoUsableCheckpointError,
               predict.PredictInputError, workdir.WorkdirError,
               workdir.RunMismatchError, nonfinite.DivergedError,
               nonfinite.NonFiniteBackboneError]

@@ -14,6 +14,7 @@ from synqt_jax.data import input_pipeline
 from synqt_jax.models import methods
 from synqt_jax.models import vit as models_vit
 from synqt_jax.data import tasks
+from synqt_jax.training import optimizer
 from synqt_jax.training import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,4 +175,28 @@ def test_launch_takes_the_checkpoint_alias_with_one_warning(tmp_path):
   assert len(warnings) == 1 and '--config.backbone.source' in warnings[0]
   assert ("Error: config.backbone.source='' (also written "
           'config.checkpoint.source); expected') in result.stderr
+  assert not workdir.exists()
+
+
+def test_every_optim_field_reaches_the_optimizer_or_is_refused(tmp_path):
+  """sgd takes weight_decay (added to the gradient); a b1/b2/eps it has no
+  use for, set away from AdamW's default, is one line, nothing written."""
+  config = vtab1k.get_config('cifar100')
+  config.optim.name, config.optim.weight_decay = 'sgd', 0.01
+  config_validation.validate(config)
+  assert optimizer.describe(config.optim) == (
+      'optax.chain(optax.add_decayed_weights(0.01), optax.sgd())')
+  config.optim.b1 = 0.5
+  with pytest.raises(ValueError, match=r'config\.optim\.b1=0\.5: optax\.sgd '
+                     r'takes no b1; leave it at 0\.9'):
+    config_validation.validate(config)
+  workdir = tmp_path / 'run'
+  result = launch_tiny(workdir, '--config.optim.name=sgd',
+                       '--config.optim.eps=0.001')
+  assert result.returncode == 1
+  errors = [line for line in result.stderr.splitlines() if 'Error' in line]
+  assert errors == ['Error: config.optim.eps=0.001: optax.sgd takes no eps; '
+                    "leave it at 1e-08, or choose an optimizer that does "
+                    "(e.g. optim.name='adamw')."], result.stderr
+  assert 'Traceback' not in result.stderr
   assert not workdir.exists()

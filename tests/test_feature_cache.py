@@ -26,6 +26,7 @@ from synqt_jax.data import input_pipeline
 from synqt_jax.models import methods
 from synqt_jax.testing import random_vit
 from synqt_jax.models import synqt
+from synqt_jax.training import steps
 
 NUM_CLASSES = 5
 BATCH = 16
@@ -472,7 +473,7 @@ def test_memory_mode_is_checked():
 
 
 def test_batch_specs_are_the_batches_shapes(setup):
-  """What the train step is compiled for before any batch exists (train.compile_train_step)."""
+  """What the train step is compiled for before any batch exists (steps.compile_train_steps)."""
   method, _, _, source = setup
   shapes = lambda batch: {k: (v.shape, np.dtype(v.dtype)) for k, v in batch.items()}
   online = next(input_pipeline.train_batches(source, BATCH, seed=SEED,

@@ -20,6 +20,7 @@ from synqt_jax.weights import export
 from synqt_jax.models import methods
 from synqt_jax.models import vit as models_vit
 from synqt_jax.training import train
+from synqt_jax.training import optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VIT = models_vit.ViTConfig(32, 2, 2, 64, 8, 32)  # width, depth, heads, mlp, patch, image
@@ -127,15 +128,15 @@ def test_the_optimizer_is_optax_by_name_with_the_config_kwargs(name, extra,
   config.optim.optax = extra
   config.optim.weight_decay = 0.05
   config_validation.validate(config)
-  schedule = train.learning_rate_schedule(config.optim, 2)
-  ours = optimizer_steps(train.create_optimizer(config.optim, schedule))
+  schedule = optimizer.learning_rate_schedule(config.optim, 2)
+  ours = optimizer_steps(optimizer.create(config.optim, schedule))
   np.testing.assert_array_equal(ours,
                                 optimizer_steps(want(schedule, config.optim)))
   others = {'adamw': 'adam', 'adam': 'sgd', 'sgd': 'adamw'}
   config.optim.name = others[name]
   config.optim.optax = {}
   assert not np.allclose(
-      ours, optimizer_steps(train.create_optimizer(config.optim, schedule)))
+      ours, optimizer_steps(optimizer.create(config.optim, schedule)))
 
 
 @pytest.mark.parametrize('field,value,message', [

@@ -25,8 +25,10 @@ import pytest
 
 from synqt_jax.weights import export
 from synqt_jax import predict
+from synqt_jax.training import sweep
 from synqt_jax.training import train
 from synqt_jax.training import workdir as workdir_lib
+from synqt_jax.training import checkpointing
 from training_runs import compilation_cache  # pylint: disable=unused-import
 from training_runs import NO_DROPOUT
 from training_runs import reproducible
@@ -98,7 +100,7 @@ def _metrics(directory):
 def _preempt_at(monkeypatch, step):
   """SIGTERM as the trainer sees it, at `step` (one `requested` call a step)."""
   calls = iter(range(1, 10**6))
-  monkeypatch.setattr(train.Preemption, 'requested',
+  monkeypatch.setattr(checkpointing.Preemption, 'requested',
                       lambda self: next(calls) >= step)
 
 
@@ -140,6 +142,25 @@ def test_gs_workdir_trains_resumes_and_exports_with_nothing_written_locally(
   theirs, _ = export.load(local_workdir / 'export.npz')
   jax.tree.map(np.testing.assert_array_equal, ours, theirs)
   assert meta['step'] == 14
+
+
+def test_gs_sweep_writes_every_member_remotely_and_matches_a_local_one(
+    fake_gcs, tmp_path, compilation_cache):
+  """The sweep goes through the trainer's epath workdir layer: members,
+  summary and plot in the bucket, the same results as in a local workdir."""
+  config = tiny_config(**{'optim.epochs': 2, 'train.feature_cache': 'host',
+                          **NO_DROPOUT})
+  grid = {'synqt.attn_scale': (0.1, 1.0)}
+  ours = sweep.run(config, 'gs://fake-bucket/runs/sweep', grid)
+  want = sweep.run(config, str(tmp_path / 'local_sweep'), grid)
+  assert ours == want
+  remote = fake_gcs / 'fake-bucket' / 'runs' / 'sweep'
+  for name in ('results.json', 'summary.txt', 'accuracy.png',
+               'attn_scale=0.1/results.json', 'attn_scale=1.0/export.npz',
+               'attn_scale=1.0/checkpoints'):
+    assert (remote / name).exists(), name
+  assert os.listdir(tmp_path / 'cwd') == []
+  assert not any('gs:' in path for path in _files(tmp_path))
 
 
 def test_remote_lock_names_its_holder_and_is_released(fake_gcs):

@@ -18,6 +18,7 @@ import pytest
 
 from synqt_jax.training import sweep
 from synqt_jax.training import train
+from synqt_jax.training import grid as grid_lib
 from training_runs import compilation_cache  # pylint: disable=unused-import
 from training_runs import final_params
 from training_runs import launch_command
@@ -39,7 +40,7 @@ GRID_FLAGS = ('--grid', 'synqt.token_nums=1,2', '--grid',
 # Each T group of four trains as a stack of three, then a stack of one.
 MAX_STACK = 3
 CACHED = {'train.feature_cache': 'host'}
-NAMES = [sweep.member_name(dict(zip(GRID, v))) for v in
+NAMES = [grid_lib.member_name(dict(zip(GRID, v))) for v in
          [(t, a, lr) for t in GRID['synqt.token_nums']
           for a in GRID['synqt.attn_scale'] for lr in GRID['optim.lr']]]
 
@@ -55,16 +56,16 @@ def reference_sweep(tmp_path_factory, compilation_cache):
 
 def test_grid_members_and_groups():
   config = tiny_config()
-  members = sweep.member_configs(config, GRID)
+  members = grid_lib.member_configs(config, GRID)
   assert list(members) == NAMES
-  keys = {sweep.group_key(c, GRID) for _, c in members.values()}
+  keys = {grid_lib.group_key(c, GRID) for _, c in members.values()}
   assert keys == {'{"synqt.token_nums": 1}', '{"synqt.token_nums": 2}'}
   fields, member = members['token_nums=2-attn_scale=1.0-lr=0.01']
   assert (member.synqt.token_nums, member.synqt.attn_scale,
           member.optim.lr) == (2, 1.0, 0.01)
   assert fields == {'synqt.token_nums': 2, 'synqt.attn_scale': 1.0,
                     'optim.lr': 0.01}
-  assert sweep.parse_grid(GRID_FLAGS[1::2]) == GRID
+  assert grid_lib.parse_grid(GRID_FLAGS[1::2]) == GRID
 
 
 @pytest.mark.parametrize('field, message', [
@@ -73,8 +74,8 @@ def test_grid_members_and_groups():
     ('synqt.tokens', "config.synqt has no field 'tokens'"),
 ])
 def test_fields_a_sweep_cannot_share_are_refused(field, message):
-  with pytest.raises(sweep.SweepError, match=message):
-    sweep.check_grid(tiny_config(), {field: (1, 2)})
+  with pytest.raises(grid_lib.SweepError, match=message):
+    grid_lib.check_grid(tiny_config(), {field: (1, 2)})
 
 
 @pytest.mark.parametrize('name', ['token_nums=1-attn_scale=0.1-lr=0.01',
@@ -82,7 +83,7 @@ def test_fields_a_sweep_cannot_share_are_refused(field, message):
 def test_member_equals_the_same_combination_trained_alone(
     reference_sweep, tmp_path, name):
   workdir, _ = reference_sweep
-  _, config = sweep.member_configs(tiny_config(**CACHED), GRID)[name]
+  _, config = grid_lib.member_configs(tiny_config(**CACHED), GRID)[name]
   alone = tmp_path / 'alone'
   train.train_and_evaluate(config, str(alone))
   member = workdir / name

@@ -24,6 +24,10 @@ from synqt_jax.data import input_pipeline
 from synqt_jax.models import methods
 from synqt_jax import predict
 from synqt_jax.training import train
+from synqt_jax.training import devices
+from synqt_jax.training import optimizer
+from synqt_jax.training import state as state_lib
+from synqt_jax.training import steps
 from training_runs import compilation_cache  # pylint: disable=unused-import
 from training_runs import final_params
 from training_runs import free_port
@@ -58,7 +62,7 @@ def vtab_optim(**overrides):
 def test_learning_rate_schedule_matches_the_reference_formula():
   optim = vtab_optim()
   steps_per_epoch = input_pipeline.steps_per_epoch(1000, 64)
-  schedule = train.learning_rate_schedule(optim, steps_per_epoch)
+  schedule = optimizer.learning_rate_schedule(optim, steps_per_epoch)
   steps = [0, 1, 7, 16, 100, 159, 160, 161, 333, 500, 799]
   ours = [float(schedule(step)) for step in steps]
   want = [reference_lr(step, steps_per_epoch, 1e-3, 1e-6, 50, 10)
@@ -75,8 +79,8 @@ def test_optimizer_step_matches_pytorch_adamw():
   rng = np.random.default_rng(0)
   params = {'a': rng.standard_normal((3, 4)).astype(np.float32),
             'b': {'c': rng.standard_normal(5).astype(np.float32)}}
-  tx = train.create_optimizer(
-      optim, train.learning_rate_schedule(optim, steps_per_epoch))
+  tx = optimizer.create(
+      optim, optimizer.learning_rate_schedule(optim, steps_per_epoch))
   opt_state = tx.init(params)
   ours = params
   torch_params = {k: np.asarray(v, np.float64)
@@ -103,18 +107,44 @@ def test_optimizer_step_matches_pytorch_adamw():
                                atol=1e-7)
 
 
+def test_sgd_weight_decay_matches_pytorch_sgd():
+  """torch.optim.SGD(momentum, weight_decay), written out: g += wd * p, then
+  buf = momentum * buf + g, p -= lr * buf (optax has no weight_decay for sgd)."""
+  optim = vtab_optim(name='sgd', optax={'momentum': 0.9}, weight_decay=0.05,
+                     epochs=4, warmup_epochs=1)
+  steps_per_epoch = 2
+  rng = np.random.default_rng(1)
+  params = {'a': rng.standard_normal((3, 4)).astype(np.float32)}
+  tx = optimizer.create(optim,
+                        optimizer.learning_rate_schedule(optim, steps_per_epoch))
+  opt_state = tx.init(params)
+  ours, torch_p, buf = params, params['a'].astype(np.float64), None
+  for step in range(6):
+    grad = rng.standard_normal((3, 4)).astype(np.float32)
+    updates, opt_state = tx.update({'a': grad}, opt_state, ours)
+    ours = optax.apply_updates(ours, updates)
+    lr = reference_lr(step, steps_per_epoch, optim.lr, optim.min_lr,
+                      optim.epochs, optim.warmup_epochs)
+    g = grad + optim.weight_decay * torch_p
+    buf = g if buf is None else 0.9 * buf + g
+    torch_p = torch_p - lr * buf
+    np.testing.assert_allclose(ours['a'], torch_p, rtol=2e-6, atol=1e-7)
+  assert optimizer.describe(optim) == (
+      'optax.chain(optax.add_decayed_weights(0.05), optax.sgd(momentum=0.9))')
+
+
 def test_loss_is_the_mean_over_real_examples_and_padding_is_ignored(
     tmp_path, compilation_cache):
   config = train.resolve_workdir_paths(tiny_config(**NO_DROPOUT), tmp_path)
   demo.prepare(config)
   method, frozen = methods.create_method(config)
-  schedule = train.learning_rate_schedule(config.optim, 7)
-  state = train.replicate(train.create_train_state(
-      method, frozen, train.create_optimizer(config.optim, schedule), 0, 32))
-  frozen_replicated = train.replicate(frozen)
+  schedule = optimizer.learning_rate_schedule(config.optim, 7)
+  state = devices.replicate(state_lib.create_train_state(
+      method, frozen, optimizer.create(config.optim, schedule), 0, 32))
+  frozen_replicated = devices.replicate(frozen)
   p_train_step = jax.pmap(
-      functools.partial(train.train_step, learning_rate_fn=schedule),
-      axis_name=train.AXIS)
+      functools.partial(steps.train_step, learning_rate_fn=schedule),
+      axis_name=devices.AXIS)
   rng = np.random.default_rng(0)
   images = rng.standard_normal((16, 32, 32, 3)).astype(np.float32)
   labels = rng.integers(0, 10, 16).astype(np.int32)
@@ -125,7 +155,7 @@ def test_loss_is_the_mean_over_real_examples_and_padding_is_ignored(
     batch = {'image': images[None], 'label': labels[None], 'mask': mask[None]}
     new_state, metrics = p_train_step(state, frozen_replicated, batch)
     updated.append(new_state.params)
-  logits = jax.jit(method.apply)(train.unreplicate(state.params),
+  logits = jax.jit(method.apply)(devices.unreplicate(state.params),
                                  frozen, images[:5])
   want = optax.softmax_cross_entropy_with_integer_labels(logits, labels[:5])
   np.testing.assert_allclose(metrics['loss'][0], want.mean(), rtol=1e-6)
@@ -156,11 +186,11 @@ def test_bfloat16_backbone_computes_as_float32_weights_rounded_once(
   batch = {'image': rng.standard_normal((1, 8, 32, 32, 3)).astype(np.float32),
            'label': rng.integers(0, 10, (1, 8)).astype(np.int32),
            'mask': np.ones((1, 8), np.float32)}
-  grads = jax.pmap(functools.partial(train.gradients, method, params,
+  grads = jax.pmap(functools.partial(steps.gradients, method, params,
                                      jax.random.PRNGKey(1), 0),
-                   axis_name=train.AXIS)
+                   axis_name=devices.AXIS)
   (loss, g), (want_loss, want_g), (full_loss, _) = (
-      grads(train.replicate(tree), batch) for tree in (frozen, rounded, full))
+      grads(devices.replicate(tree), batch) for tree in (frozen, rounded, full))
   np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7),
                g, want_g)
@@ -172,11 +202,11 @@ def test_replicate_puts_the_host_array_itself_on_a_cpu_device():
   """One copy of the frozen weights: no stacked host copy, no device copy."""
   host = host_memory.aligned_empty((1024, 1024), np.float32)
   host[:] = np.arange(1 << 20).reshape(1024, 1024)
-  replicated = train.replicate({'w': host})['w']
+  replicated = devices.replicate({'w': host})['w']
   [shard] = replicated.addressable_shards
   assert replicated.shape == (1, 1024, 1024)
   assert shard.data.unsafe_buffer_pointer() == host.ctypes.data
-  np.testing.assert_array_equal(train.unreplicate({'w': replicated})['w'], host)
+  np.testing.assert_array_equal(devices.unreplicate({'w': replicated})['w'], host)
 
 
 def assert_params_close(ours, want):

@@ -26,6 +26,8 @@ from synqt_jax import demo
 from synqt_jax.training import feature_cache
 from synqt_jax.models import methods
 from synqt_jax.training import train
+from synqt_jax.training import checkpointing
+from synqt_jax.training import loop
 
 # No stochastic depth anywhere, so the online image path matches the cache's;
 # dropout and the head's drop path stay on (same keys on both paths).
@@ -71,7 +73,7 @@ def test_the_host_runs_at_most_one_step_ahead():
   112 px): before the next batch is made, the step before the last is done."""
   slow = jax.jit(lambda x: jax.lax.fori_loop(
       0, 100, lambda i, y: jnp.tanh(y @ y), x))
-  in_flight = train.OneStepInFlight()
+  in_flight = loop.OneStepInFlight()
   first = slow(jnp.eye(512))
   in_flight.dispatched(first)
   second = slow(first)
@@ -111,7 +113,7 @@ def test_deferred_evaluation_equals_evaluating_at_each_point(
 
 
 class PreemptAt:
-  """A `train.Preemption` stand-in that asks to stop once, at step `step`."""
+  """A `checkpointing.Preemption` stand-in that asks to stop once, at step `step`."""
 
   def __init__(self, step):
     self._left = step
@@ -145,7 +147,7 @@ def test_disk_cache_is_reused_on_resume_and_ends_the_same(
   monkeypatch.setattr(feature_cache, 'build', recording_build)
   overrides = {'train.feature_cache': 'disk', 'train.deferred_eval': True}
   with monkeypatch.context() as m:
-    m.setattr(train, 'Preemption', PreemptAt(17))
+    m.setattr(checkpointing, 'Preemption', PreemptAt(17))
     assert run(tmp_path, **overrides) is None
   assert not (tmp_path / 'results.json').exists()
   assert os.listdir(tmp_path / 'deferred_eval') == [

@@ -19,12 +19,16 @@ DATA_DEFAULTS = dict(source='tfds', task='cifar100', root=None, num_classes=None
                      test_split='test', val_split='val200',
                      augmentation='none')
 
-# The optimizer when `config.optim` names none (optax.adamw: PyTorch's AdamW).
-DEFAULT_OPTIMIZER = 'adamw'
+# The optimizer (`config.optim`, training/optimizer.py): the reference's
+# recipe, optax.adamw (PyTorch's AdamW); the learning rate per step is a linear
+# warm-up from 0, then a half-cycle cosine to min_lr.
+OPTIM_DEFAULTS = dict(name='adamw', optax={}, lr=1e-3, weight_decay=1e-2,
+                      b1=0.9, b2=0.999, eps=1e-8, batch_size=64, epochs=50,
+                      warmup_epochs=10, min_lr=1e-6)
 
-# Deprecated name -> the field it names: `config.checkpoint` (what the
-# pre-trained backbone was called before train_checkpoints.py held the run's
-# own checkpoints) reads and writes `config.backbone`.
+# Deprecated name -> the field it names: `config.checkpoint` (older configs'
+# and exports' name of the pre-trained backbone; `checkpoints/` are the run's
+# own) reads and writes `config.backbone`.
 ALIASES = {'checkpoint': 'backbone'}
 
 

@@ -3,14 +3,13 @@
 The fields and their defaults are in configs/common.py; each method's own
 section is checked by the fields it declares in methods.REGISTRY.
 """
-import inspect
-
-import optax
+import functools
 
 from synqt_jax.weights import checkpoint
 from synqt_jax.config import fields as config_fields
 from synqt_jax import errors
 from synqt_jax.training import feature_cache
+from synqt_jax.training import optimizer
 from synqt_jax.data import input_pipeline
 from synqt_jax.models import methods
 
@@ -65,10 +64,10 @@ def validate(config) -> None:
     _check_fields(config, method, registered.fields)
 
   optim = _get(config, 'optim')
-  _check(config, 'optim.name', lambda x: _optax_parameters(x) is not None,
+  _check(config, 'optim.name', lambda x: optimizer.optax_parameters(x) is not None,
          "the name of an optax optimizer, such as 'adamw', 'adam', 'sgd' or "
          "'lamb'")
-  parameters = _optax_parameters(optim.name)
+  parameters = optimizer.optax_parameters(optim.name)
   _check(config, 'optim.optax',
          lambda x: hasattr(x, 'keys') and set(x.keys()) <= parameters,
          f'a dict of keyword arguments of optax.{optim.name} '
@@ -90,6 +89,7 @@ def validate(config) -> None:
   _check(config, 'optim.warmup_epochs',
          lambda x: is_int(x) and 0 <= x < optim.epochs,
          f'an int in [0, optim.epochs={optim.epochs})')
+  optimizer.check(optim)
 
   _check(config, 'train.feature_cache', lambda x: x in FEATURE_CACHES,
          f'one of {FEATURE_CACHES}')
@@ -109,15 +109,8 @@ def validate(config) -> None:
          f"'none' with data.augmentation={config.data.get('augmentation')!r} "
          '(the cache holds one fixed view of each image; augmentation draws a '
          "new crop every step), or set data.augmentation='none'")
-  if method == 'synqt':  # bfloat16 K/V are how keep_kv holds them online.
-    _check(config, 'synqt.kv_dtype',
-           lambda x: x == 'float32' or config.synqt.image_path_memory == 'keep_kv',
-           "'float32' with synqt.image_path_memory='recompute' (it keeps no "
-           "K/V to round), or set synqt.image_path_memory='keep_kv'")
-    _check(config, 'synqt.kv_dtype',
-           lambda x: x == 'float32' or config.train.feature_cache == 'none',
-           "'float32' with a feature cache (its K/V are stored in "
-           "train.cache_dtype: set train.cache_dtype='bfloat16' instead)")
+  if registered.check is not None:  # The method's own cross-field checks.
+    registered.check(config, functools.partial(_check, config))
   _check(config, 'train.deferred_eval',
          lambda x: not x or registered.reads_cached_kv,
          f'False with method={method!r} (deferred evaluation serves '
@@ -139,17 +132,6 @@ def validate(config) -> None:
          lambda x: x is None or config_fields.function(x) is not None,
          "None, or 'module.function' (importable), e.g. "
          "'synqt_jax.demo.prepare'")
-
-
-def _optax_parameters(name):
-  """The parameters of optax.<name> besides the learning rate, or None if
-  that is not an optimizer (a function of a learning rate)."""
-  function = getattr(optax, name, None) if isinstance(name, str) else None
-  try:
-    parameters = set(inspect.signature(function).parameters)
-  except (TypeError, ValueError):
-    return None
-  return parameters - {'learning_rate'} if 'learning_rate' in parameters else None
 
 
 def validate_device_split(config, device_count: int) -> None:

@@ -108,11 +108,17 @@ class Registered:
   `fields` are the section `config.<name>`: their values are the `options`
   given to `build(vit, num_classes, options, config)` (default:
   `cls(vit, num_classes, **options)`); `config` is the whole run config (an
-  export's has no `train` section).
+  export's has no `train` section). `check(config, check_field)` refuses
+  combinations of fields (config/validation.py passes its checker:
+  `check_field(name, ok, expected)`). `init_only`: fields that only set
+  initial trainable values, so a sweep's members differing in them (and in
+  the optimizer's settings) run the same program, stacked.
   """
   cls: type
   fields: tuple[config_fields.Field, ...] = ()
   build: Callable[..., Any] | None = None
+  check: Callable[..., None] | None = None
+  init_only: tuple[str, ...] = ()
 
   @property
   def reads_cached_kv(self) -> bool:
@@ -148,6 +154,18 @@ def _synqt(vit, num_classes, options, config):
                                       image_drop_path=not cached, **options))
 
 
+def _check_synqt(config, check_field):
+  """bfloat16 K/V are how keep_kv holds them online."""
+  check_field('synqt.kv_dtype',
+              lambda x: x == 'float32' or config.synqt.image_path_memory == 'keep_kv',
+              "'float32' with synqt.image_path_memory='recompute' (it keeps no "
+              "K/V to round), or set synqt.image_path_memory='keep_kv'")
+  check_field('synqt.kv_dtype',
+              lambda x: x == 'float32' or config.train.feature_cache == 'none',
+              "'float32' with a feature cache (its K/V are stored in "
+              "train.cache_dtype: set train.cache_dtype='bfloat16' instead)")
+
+
 _real = functools.partial(config_fields.Field, ok=config_fields.is_real,
                           expected='a number')
 
@@ -155,7 +173,8 @@ _real = functools.partial(config_fields.Field, ok=config_fields.is_real,
 REGISTRY = {
     'linear': Registered(baselines.LinearProbe),
     'synqt': Registered(
-        SynQT, build=_synqt, fields=(
+        SynQT, build=_synqt, check=_check_synqt,
+        init_only=('attn_scale', 'ffn_scale', 'feat_scale'), fields=(
             config_fields.Field('token_nums', 4, config_fields.positive_int,
                                 'a positive int (1, 4, 16)'),
             _real('attn_scale', 1.0), _real('ffn_scale', 0.1),

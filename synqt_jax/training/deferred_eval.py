@@ -12,13 +12,11 @@ import dataclasses
 import functools
 from typing import Any, Sequence
 
-import flax.jax_utils
 import jax
-import jax.numpy as jnp
 
 from synqt_jax.data import input_pipeline
-
-AXIS = 'batch'
+from synqt_jax.training import devices
+from synqt_jax.training import steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +38,7 @@ def evaluate(method, frozen, parameter_sets: Sequence[Any],
   Args:
     method: a `methods.SynQT`.
     frozen: the frozen parameters replicated over the local devices, as the
-      trainer holds them (`flax.jax_utils.replicate`).
+      trainer holds them (`devices.replicate`).
     parameter_sets: unreplicated trainable trees, e.g. one per evaluation
       epoch (host copies: `jax.device_get(unreplicate(state.params))`).
     source: the evaluation split; read once, in order.
@@ -63,7 +61,7 @@ def evaluate_each(scored: Sequence[tuple[Any, Any]], frozen,
   path scores them; e.g. a sweep's combinations of T and scales.
   """
   image_kv = _pmapped(scored[0][0])[0]
-  replicated = [(_pmapped(m)[1], flax.jax_utils.replicate(p)) for m, p in scored]
+  replicated = [(_pmapped(m)[1], devices.replicate(p)) for m, p in scored]
   counts = []
   for batch in input_pipeline.eval_batches(source, global_batch,
                                            normalization=normalization,
@@ -82,8 +80,6 @@ def _pmapped(method):
   """(image_kv, score) under pmap, compiled once per method."""
 
   def score(trainable, frozen, kv, label, mask):
-    logits = method.apply_kv(trainable, frozen, kv)
-    correct = (jnp.argmax(logits, -1) == label) * mask
-    return jax.lax.psum({'correct': correct.sum(), 'count': mask.sum()}, AXIS)
+    return steps.counts(method.apply_kv(trainable, frozen, kv), label, mask)
 
-  return jax.pmap(method.image_kv), jax.pmap(score, axis_name=AXIS)
+  return jax.pmap(method.image_kv), jax.pmap(score, axis_name=devices.AXIS)

@@ -6,7 +6,7 @@ fields that rebuild the model (method, the method's own config section,
 backbone checkpoint, task, classes, resolution, normalisation, dtypes) and
 the class names where the data has them. The frozen
 backbone is not in it: it is the shared pre-trained checkpoint, named in the
-metadata (`backbone`; exports before it was renamed say `checkpoint`).
+metadata (`backbone`; older exports say `checkpoint`).
 """
 import json
 import zipfile
@@ -19,6 +19,7 @@ from synqt_jax import errors
 from synqt_jax.data import input_pipeline
 from synqt_jax.training import workdir
 
+FILE = 'export.npz'  # A finished workdir's export.
 METADATA_KEY = '__metadata__'
 FORMAT_VERSION = 1
 

@@ -1,4 +1,5 @@
-"""Checkpoints of a training run (orbax), restored from the newest intact one.
+"""Checkpoints of a training run (orbax), restored from the newest intact one;
+when a run saves, and SIGTERM as a request to save and stop.
 
 A checkpoint holds the unreplicated train state (trainable parameters,
 optimizer state, step, RNG) as `state` and a JSON `metadata` item (data
@@ -10,14 +11,19 @@ afterwards (unreadable, cut short, or changed at the same size: its checksum
 no longer matches) is skipped with a warning, and the previous one is used.
 """
 import hashlib
+import signal
 import sys
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
 from synqt_jax import errors
+from synqt_jax.training import devices
+from synqt_jax.training import nonfinite
+from synqt_jax.training import workdir as workdir_lib
 
 CHECKSUM_KEY = 'state_sha256'  # In each checkpoint's metadata.
 
@@ -161,3 +167,70 @@ def _ignore_reads_after_a_failed_restore():
 
   hook.ignores_closed_event_loop = True
   sys.unraisablehook = hook
+
+
+class Preemption:
+  """SIGTERM sets a flag; the loop saves at the next step and exits cleanly.
+
+  One per run (a sweep's members share it): caught from construction until
+  `restore`.
+  """
+
+  def __init__(self):
+    self._requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self._requested = True
+
+  def requested(self) -> bool:
+    """True on every host as soon as any host got SIGTERM (one allgather)."""
+    if jax.process_count() == 1:
+      return self._requested
+    return bool(multihost_utils.process_allgather(
+        np.int32(self._requested)).any())
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+class Checkpointing:
+  """One member's checkpoints: restored, and saved with nothing non-finite.
+
+  A context manager: on exit the saves in flight are finished.
+  """
+
+  def __init__(self, config, workdir, schedule):
+    self._schedule = schedule
+    self._checkpoints = TrainCheckpoints(
+        workdir_lib.as_path(workdir) / 'checkpoints', config.keep_checkpoints)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    self._checkpoints.wait_until_finished()
+    self._checkpoints.close()
+
+  def restore(self, state, at_most=None):
+    """(state, history): the newest checkpoint's (at step <= `at_most` if
+    given), or `state` and no history."""
+    restored = self._checkpoints.restore_latest(state, at_most)
+    if restored is None:
+      return state, {}
+    state, metadata = restored
+    logging.info('Resuming from the checkpoint at step %d.', int(state.step))
+    return state, metadata
+
+  def check_finite(self, step, scalars=None, params=None):
+    """Stops the run (nonfinite.DivergedError) at a non-finite loss or parameter."""
+    nonfinite.check_step(
+        step, float(self._schedule(step - 1)), self._checkpoints.latest_step(),
+        self._checkpoints.directory, params=params,
+        loss=(scalars or {}).get('loss'))
+
+  def save(self, step, p_state, history):
+    state = devices.unreplicate(p_state)
+    self.check_finite(step, params=state.params)
+    self._checkpoints.save(step, state, {'data_position': step, **history})

@@ -8,7 +8,7 @@ import types
 import numpy as np
 import pytest
 
-from synqt_jax.training import train_checkpoints
+from synqt_jax.training import checkpointing
 
 
 def state(seed, size=8, leaves=40):
@@ -20,7 +20,7 @@ def state(seed, size=8, leaves=40):
 
 def saved(directory, states, keep=3):
   """TrainCheckpoints in `directory` holding {step: state}, all written."""
-  checkpoints = train_checkpoints.TrainCheckpoints(str(directory), keep)
+  checkpoints = checkpointing.TrainCheckpoints(str(directory), keep)
   for step, tree in states.items():
     checkpoints.save(step, tree, {'evaluations': [step]})
   checkpoints.wait_until_finished()
@@ -28,7 +28,7 @@ def saved(directory, states, keep=3):
 
 
 def restore(directory, target, keep=3):
-  checkpoints = train_checkpoints.TrainCheckpoints(str(directory), keep)
+  checkpoints = checkpointing.TrainCheckpoints(str(directory), keep)
   try:
     return checkpoints.restore_latest(target)
   finally:
@@ -63,7 +63,7 @@ def test_intact_checkpoint_restores_bit_identical(tmp_path):
 def test_checkpoint_of_other_shapes_is_not_restored(tmp_path, caplog):
   """Defect 1: a resumed run whose config changed a shape."""
   saved(tmp_path, {4: state(4, size=8)})
-  with pytest.raises(train_checkpoints.NoUsableCheckpointError,
+  with pytest.raises(checkpointing.NoUsableCheckpointError,
                      match='was the config changed'):
     restore(tmp_path, state(0, size=16))
   assert 'Checkpoint at step 4 cannot be restored' in caplog.text
@@ -97,8 +97,8 @@ def test_fallback_from_a_truncated_checkpoint_is_quiet(tmp_path, monkeypatch):
 def test_only_closed_event_loop_reports_are_dropped(monkeypatch):
   seen = []
   monkeypatch.setattr(sys, 'unraisablehook', seen.append)
-  train_checkpoints._ignore_reads_after_a_failed_restore()
-  train_checkpoints._ignore_reads_after_a_failed_restore()  # Installed once.
+  checkpointing._ignore_reads_after_a_failed_restore()
+  checkpointing._ignore_reads_after_a_failed_restore()  # Installed once.
   closed = types.SimpleNamespace(exc_value=RuntimeError('Event loop is closed'))
   other = types.SimpleNamespace(exc_value=RuntimeError('something else'))
   sys.unraisablehook(closed)
@@ -111,6 +111,6 @@ def test_state_digest_sees_every_bit_and_not_the_integer_width():
   b = state(1)
   b['params']['w7'] = b['params']['w7'].copy()
   b['params']['w7'].view(np.uint32)[3] ^= 1  # One bit of one float.
-  assert train_checkpoints.state_digest(a) != train_checkpoints.state_digest(b)
+  assert checkpointing.state_digest(a) != checkpointing.state_digest(b)
   wide = dict(a, step=np.asarray(a['step'], np.int64))  # A fresh host state's step.
-  assert train_checkpoints.state_digest(wide) == train_checkpoints.state_digest(a)
+  assert checkpointing.state_digest(wide) == checkpointing.state_digest(a)
