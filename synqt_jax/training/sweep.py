@@ -2,7 +2,7 @@
 
 SynQT's image path holds no trainable value and no setting of the grid: the
 K/V of a training image are the same for every combination. `run` builds the
-training split's feature cache once (`train.open_feature_cache`) and trains
+training split's feature cache once (`loop.Inputs`) and trains
 every combination of the grid from it:
 
 * Combinations that run the same program (same `token_nums`, dropout rates,
@@ -16,7 +16,7 @@ every combination of the grid from it:
   within a group. A group larger than `max_stack` trains as several stacks;
   stacks run one after another on the same cache.
 * Each combination is a run of its own under `<workdir>/<name>/`: config.json,
-  checkpoints/ (its own `train.TrainState`, as a single run saves it),
+  checkpoints/ (its own `state.TrainState`, as a single run saves it),
   metrics.jsonl, deferred_eval/, results.json and export.npz.
 * Evaluation is deferred: every combination's evaluation points are scored at
   the end with one backbone pass per split (`evaluators.score_deferred`).
