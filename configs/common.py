@@ -31,6 +31,8 @@ def get_config():
   # position embedding is interpolated when it differs).
   config.data = ml_collections.ConfigDict({
       **config_fields.DATA_DEFAULTS, 'root': config_dict.placeholder(str),
+      # None: the task's, or what your own data shows (settable as an int).
+      'num_classes': config_dict.placeholder(int),
       # VTAB trains on train800val200, which holds val200: no val score.
       'val_split': config_dict.placeholder(str)})
 

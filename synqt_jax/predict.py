@@ -2,6 +2,7 @@
 
   python launch.py predict --export runs/cifar100/export.npz cat.jpg dog.png
 """
+import json
 import os
 
 from etils import epath
@@ -14,6 +15,7 @@ from synqt_jax.weights import export
 from synqt_jax.data import folders
 from synqt_jax.data import input_pipeline
 from synqt_jax.models import methods
+from synqt_jax.training import workdir as workdir_lib
 
 
 class PredictInputError(errors.UserError, ValueError):
@@ -30,10 +32,39 @@ def export_path(workdir=None, export_file=None):
     return export_file
   path = os.path.join(workdir, export.FILE)
   if not epath.Path(path).exists():
-    raise PredictInputError(
+    raise PredictInputError(sweep_problem(workdir) or (
         f'{workdir!r} has no export.npz: the run has not finished. Run '
-        'launch.py with this workdir again to finish it.')
+        'launch.py with this workdir again to finish it.'))
   return path
+
+
+def sweep_problem(workdir) -> str | None:
+  """Which of the runs of the sweep in `workdir` to give instead, or None
+  where `workdir` holds no sweep (sweep.py: a run per combination, and for
+  the held-out protocol the chosen one retrained in final/)."""
+  root = epath.Path(workdir)
+  results = root / workdir_lib.RESULTS_FILE
+  summary = json.loads(results.read_text()) if results.exists() else {}
+  if 'combinations' in summary:
+    chosen = root / 'final'
+    if not (chosen / export.FILE).exists():
+      chosen = root / summary['chosen']
+    others = [r['name'] for r in summary['combinations']
+              if r['name'] != summary['chosen']
+              and (root / r['name'] / export.FILE).exists()]
+    listed = (f', or another member\'s, --workdir {root}/<name> with <name> '
+              f'one of {", ".join(others[:4])}{", ..." if len(others) > 4 else ""}'
+              if others else '')
+    return (f'{workdir!r} is a sweep of {len(summary["combinations"])} runs, '
+            f'not one run: predict with the chosen one ({summary["chosen"]}), '
+            f'--workdir {chosen}{listed}.')
+  for identity in (root / workdir_lib.IDENTITY_FILE,
+                   root / 'selection' / workdir_lib.IDENTITY_FILE):
+    if identity.exists() and 'sweep_grid' in json.loads(identity.read_text()):
+      return (f'{workdir!r} is a sweep that has not finished: run '
+              '`launch.py sweep` with this workdir again to finish it, then '
+              'predict with the run it chooses.')
+  return None
 
 
 def check_image_files(paths) -> None:

@@ -7,8 +7,10 @@ orbax noise) or in test_run_guards.py (the trainer's guards).
 """
 import concurrent.futures
 import errno
+import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +28,7 @@ from synqt_jax import demo
 from synqt_jax import errors
 from synqt_jax.weights import export
 from synqt_jax.models import methods
+from synqt_jax import predict as predict_lib
 from synqt_jax.training import train
 from training_runs import compilation_cache  # pylint: disable=unused-import
 from training_runs import launch_env
@@ -33,6 +36,30 @@ from training_runs import REPO
 from training_runs import tiny_config
 
 TINY = os.path.join(REPO, 'configs', 'tiny.py')
+# configs/folder.py directories, each wrong in one way: the files they hold
+# (copies of one image; a trailing / is an empty directory).
+BAD_FOLDERS = {
+    'no_train': ('test/cat/0.png', 'test/dog/0.png'),
+    'images_directly_in_train': ('train/0.png', 'train/1.png', 'test/cat/0.png'),
+    'empty_class': ('train/cat/0.png', 'train/dog/0.png', 'train/emu/',
+                    'test/cat/0.png'),
+    'class_only_in_test': ('train/cat/0.png', 'train/dog/0.png',
+                           'test/yak/0.png'),
+    'single_class': ('train/cat/0.png', 'train/cat/1.png', 'test/cat/0.png'),
+}
+# A finished sweep (sweep.py's layout): its members' names, the chosen one.
+SWEEP_MEMBERS, SWEEP_CHOSEN = ('lr=0.001', 'lr=0.01', 'lr=0.1'), 'lr=0.01'
+
+
+def folder_case(name):
+  """launch.py arguments training configs/folder.py on BAD_FOLDERS[name]."""
+  return ['--config', f'configs/folder.py:{{root}}/folders/{name}', '--workdir',
+          f'{{root}}/folder_runs/{name}', '--config.data.normalization=inception']
+
+
+def sweep_case(name, grid):
+  return ['sweep', '--config', TINY, '--workdir', f'{{root}}/sweeps/{name}',
+          '--grid', grid]
 
 
 @pytest.fixture(scope='module')
@@ -53,7 +80,26 @@ def files(tmp_path_factory):
   (root / 'a_file').write_text('not a directory')
   image = os.path.join(config.data.root, 'eurosat', 'images', 'test',
                        '000000.png')
+  for name, paths in BAD_FOLDERS.items():
+    for path in paths:
+      path = os.path.join(root, 'folders', name, path)
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      if not path.endswith('/'):
+        shutil.copy(image, path)
+  write_finished_sweep(root / 'sweep', root / 'model.npz')
   return {'root': str(root), 'image': image}
+
+
+def write_finished_sweep(workdir, export_file, held_out=False):
+  """A sweep's results.json and its runs' exports; `held_out`: the chosen one
+  retrained in final/, the selection runs without exports."""
+  rows = [{'name': name, 'fields': {}} for name in SWEEP_MEMBERS]
+  os.makedirs(workdir)
+  train.write_json(os.path.join(workdir, 'results.json'),
+                   {'chosen': SWEEP_CHOSEN, 'combinations': rows})
+  for name in ['final'] if held_out else SWEEP_MEMBERS:
+    os.makedirs(workdir / name)
+    shutil.copy(export_file, workdir / name / 'export.npz')
 
 
 # (name, launch.py arguments ({root}, {image}: the fixture's), what the line says)
@@ -101,6 +147,49 @@ CATALOGUE = [
      'is truncated or corrupt (not an .npz file)'),
     ('predict_unfinished_workdir', ['predict', '--workdir', '{root}/a_dir',
                                     '{image}'], 'has no export.npz'),
+    # Issue 29: your own folders, sweep grids, num_classes, predict on a sweep.
+    ('folder_without_train', folder_case('no_train'),
+     'No split file train.txt or train.json, or ImageFolder directory '
+     'train/<class name>/'),
+    ('folder_with_images_directly_in_train',
+     folder_case('images_directly_in_train'),
+     'train holds images but no class directories; an ImageFolder split is '
+     'train/<class name>/<images>: move each class'),
+    ('folder_with_an_empty_class', folder_case('empty_class'),
+     "Class 'emu' has no training images in"),
+    ('folder_with_a_class_only_in_test', folder_case('class_only_in_test'),
+     "or remove {root}/folders/class_only_in_test/test/yak."),
+    ('folder_with_a_single_class', folder_case('single_class'),
+     "have only the class directory 'cat': a classifier needs two classes or "
+     'more'),
+    # The documented override is taken (None by default): the tiny data's
+    # labels 0..9 do not fit 5 classes.
+    ('num_classes_on_the_command_line',
+     ['--config', TINY, '--config.data.num_classes=5', '--workdir',
+      '{root}/num_classes_5'], 'is outside the valid range 0..4 (5 classes)'),
+    ('num_classes_1', ['--config', TINY, '--config.data.num_classes=1',
+                       '--workdir', '{root}/w'],
+     'data.num_classes=1; expected None (from the task or the data) or an '
+     'int >= 2'),
+    ('sweep_grid_with_an_empty_value', sweep_case('empty', 'optim.lr=1e-3,,3e-3'),
+     "--grid 'optim.lr=1e-3,,3e-3': expected field=value,value,... with no "
+     'empty value'),
+    ('sweep_grid_of_words_for_an_int', sweep_case('words', 'synqt.token_nums=a,b'),
+     "Sweep of synqt.token_nums: 'a' is not of type int, as "
+     'config.synqt.token_nums (now 4) is'),
+    ('sweep_grid_of_floats_for_an_int',
+     sweep_case('floats', 'synqt.token_nums=1.5,2'),
+     'Sweep of synqt.token_nums: 1.5 is not of type int'),
+    ('sweep_grid_value_the_field_refuses',
+     sweep_case('zero', 'synqt.token_nums=0,2'),
+     'Combination token_nums=0 of the sweep: config.synqt.token_nums=0; '
+     'expected a positive int'),
+    ('predict_finished_sweep', ['predict', '--workdir', '{root}/sweep',
+                                '{image}'],
+     f'is a sweep of 3 runs, not one run: predict with the chosen one '
+     f'({SWEEP_CHOSEN}), --workdir {{root}}/sweep/{SWEEP_CHOSEN}, or another '
+     "member's, --workdir {root}/sweep/<name> with <name> one of lr=0.001, "
+     'lr=0.1.'),
 ]
 
 
@@ -134,8 +223,34 @@ def catalogue_runs(files):
 
 @pytest.mark.parametrize('name,says', [(name, says) for name, _, says in CATALOGUE],
                          ids=[case[0] for case in CATALOGUE])
-def test_bad_input_gives_one_error_line(catalogue_runs, name, says):
-  assert_one_error_line(catalogue_runs[name], says)
+def test_bad_input_gives_one_error_line(catalogue_runs, files, name, says):
+  assert_one_error_line(catalogue_runs[name], says.format(**files))
+
+
+def test_a_refused_sweep_grid_writes_nothing(catalogue_runs, files):
+  """Issue 29: so the next sweep on the workdir, with a good grid, may start."""
+  assert len(catalogue_runs) == len(CATALOGUE)
+  assert not os.path.exists(os.path.join(files['root'], 'sweeps'))
+
+
+def test_predict_on_a_sweep_names_the_chosen_run(tmp_path, files):
+  """Issue 29: held out, the chosen run is final/; unfinished, the sweep says so."""
+  workdir = tmp_path / 'held_out'
+  write_finished_sweep(workdir, os.path.join(files['root'], 'model.npz'),
+                       held_out=True)
+  with pytest.raises(predict_lib.PredictInputError) as info:
+    predict_lib.export_path(str(workdir))
+  assert str(info.value) == (
+      f'{str(workdir)!r} is a sweep of 3 runs, not one run: predict with the '
+      f'chosen one ({SWEEP_CHOSEN}), --workdir {workdir}/final.')
+  unfinished = tmp_path / 'unfinished'
+  os.makedirs(unfinished / 'selection')
+  train.write_json(str(unfinished / 'selection' / 'identity.json'),
+                   {'sweep_grid': '{}'})
+  with pytest.raises(predict_lib.PredictInputError,
+                     match='is a sweep that has not finished: run `launch.py '
+                     'sweep` with this workdir again'):
+    predict_lib.export_path(str(unfinished))
 
 
 def test_predict_still_works_on_a_good_image(files):

@@ -6,6 +6,7 @@ and at 224 px (position embedding resized bicubically, as the graph does). The
 rest runs random state dicts against an independent NumPy timm forward pass.
 """
 import math
+import os
 
 import jax
 import ml_collections
@@ -367,3 +368,84 @@ def test_a_corrupt_source_is_one_clear_line(tmp_path):
   path.write_bytes(b'\x00' * 10)
   with pytest.raises(SystemExit, match='Cannot read .*model.safetensors'):
     convert.main([str(path), str(tmp_path / 'out.npz')])
+
+
+# --- Bad paths (issue 29): one line each, nothing written or overwritten. ---
+
+@pytest.fixture
+def timm_npz(tmp_path):
+  path = tmp_path / 'timm.npz'
+  np.savez(path, **random_timm())
+  return path
+
+
+def convert_error(*args):
+  """The `Error:` line of `convert.main(args)`."""
+  with pytest.raises(SystemExit) as info:
+    convert.main([str(arg) for arg in args])
+  return str(info.value)
+
+
+@pytest.mark.parametrize('name', ['same', 'dotdot', 'symlink', 'hard_link'])
+def test_output_that_is_the_source_is_refused(timm_npz, name):
+  """The output is the source under another name: converting would replace it."""
+  before = timm_npz.read_bytes()
+  output = timm_npz.parent / f'{name}.npz'
+  if name == 'symlink':
+    os.symlink(timm_npz, output)
+  elif name == 'hard_link':
+    os.link(timm_npz, output)
+  else:
+    output = {'same': timm_npz, 'dotdot': os.path.join(
+        timm_npz.parent, '..', timm_npz.parent.name, timm_npz.name)}[name]
+  assert 'is the source file itself; give another output path' in convert_error(
+      timm_npz, output, f'--num_heads={HEADS}')
+  assert timm_npz.read_bytes() == before
+
+
+@pytest.mark.parametrize('output, says', [
+    ('nowhere/out.npz', "nowhere' does not exist"),
+    ('timm.npz/out.npz', "timm.npz' is not a directory"),
+    ('.', 'is a directory; give a file path such as'),
+])
+def test_output_that_cannot_be_written_is_refused(timm_npz, output, says):
+  line = convert_error(timm_npz, timm_npz.parent / output, f'--num_heads={HEADS}')
+  assert line.startswith('Error: ') and says in line, line
+
+
+def test_read_only_output_is_refused_and_kept(timm_npz, monkeypatch):
+  """os.access stands in for a read-only file (root may write anything)."""
+  out = timm_npz.parent / 'out.npz'
+  out.write_bytes(b'kept')
+  monkeypatch.setattr(convert.os, 'access', lambda path, mode: path != str(out))
+  assert f"Cannot write '{out}': '{out}' is read-only" in convert_error(
+      timm_npz, out, f'--num_heads={HEADS}')
+  assert out.read_bytes() == b'kept'
+
+
+def test_a_failed_write_leaves_no_partial_file(timm_npz, monkeypatch):
+  """A write the checks cannot foresee (a read-only mount, a full disk)."""
+  def refuse(path, **_):
+    open(path, 'wb').close()
+    raise OSError(30, 'Read-only file system')
+
+  monkeypatch.setattr(convert.np, 'savez', refuse)
+  out = timm_npz.parent / 'out.npz'
+  assert 'out.npz\': Read-only file system. Give an output path' in convert_error(
+      timm_npz, out, f'--num_heads={HEADS}')
+  assert sorted(os.listdir(timm_npz.parent)) == ['timm.npz']
+
+
+def test_num_heads_that_does_not_divide_the_width_says_which_do(timm_npz, tmp_path):
+  assert ('--num_heads=5 does not divide the width 32; give the model\'s number '
+          'of heads, one of 1, 2, 4, 8, 16, 32.') in convert_error(
+              timm_npz, tmp_path / 'out.npz', '--num_heads=5')
+  assert not (tmp_path / 'out.npz').exists()
+
+
+def test_a_directory_source_names_the_files_in_it(timm_npz, tmp_path):
+  assert f"is a directory; give the model file in it, e.g. '{timm_npz}'" in (
+      convert_error(tmp_path, tmp_path / 'out.npz'))
+  (tmp_path / 'empty').mkdir()
+  assert 'is a directory with no .safetensors, .npz, .onnx file in it' in (
+      convert_error(tmp_path / 'empty', tmp_path / 'out.npz'))

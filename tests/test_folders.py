@@ -357,19 +357,89 @@ def test_a_free_task_name_with_no_data_is_one_clear_line(tmp_path):
     input_pipeline.load_source(folder_config(tmp_path, task='my_birds'), 'test')
 
 
-@pytest.mark.parametrize('value', [0, -3, 2.5, True])
+@pytest.mark.parametrize('value', [0, 1, -3, 2.5, True])
 def test_bad_num_classes(tmp_path, value):
   make_noah_task(tmp_path)
   with pytest.raises(input_pipeline.DataConfigError, match='data.num_classes='):
     input_pipeline.load_source(folder_config(tmp_path, num_classes=value), 'test')
 
 
-def test_image_folder_split_with_no_class_directories(tmp_path):
+@pytest.mark.parametrize('parent', ['', 'flat'])
+def test_image_folder_split_with_no_class_directories(tmp_path, parent):
+  """Images directly in train/: under data.root, or as configs/folder.py's root."""
   write_image(str(tmp_path / 'flat' / 'train' / 'a.png'), seed=0)
-  config = folder_config(tmp_path, task='flat', train_split='train', val_split=None)
+  config = folder_config(tmp_path / parent, task='flat', train_split='train',
+                         val_split=None)
   with pytest.raises(folders.FolderNotFoundError,
-                     match=r'or ImageFolder directory train/<class name>/'):
+                     match=r'flat/train holds images but no class directories; '
+                     r'an ImageFolder split is train/<class name>/<images>'):
     input_pipeline.load_source(config, 'train')
+
+
+def test_a_task_directory_without_its_train_split_says_so(tmp_path):
+  """configs/folder.py's root is the task's directory: not an unknown task."""
+  root = make_image_folder(tmp_path / 'bugs', splits=(('test', 1),))
+  config = folder_config(root, task='bugs', train_split='train', val_split=None)
+  with pytest.raises(folders.FolderNotFoundError,
+                     match="No split file train.txt or train.json, or "
+                     "ImageFolder directory train/<class name>/, for task 'bugs'"):
+    input_pipeline.num_classes(config)
+
+
+def test_symlinked_directories_are_followed_but_not_into_loops(tmp_path, caplog):
+  """A symlink back up the tree (or into another class) would be walked again
+  and again, every image under it labelled with this class."""
+  root = make_image_folder(tmp_path / 'animals')
+  make_image_folder(tmp_path / 'more', splits=(('cats', 2),), classes=('x',))
+  train = tmp_path / 'animals' / 'train'
+  os.symlink(train, train / 'cat' / 'up')  # The split: other classes in it.
+  os.symlink('.', train / 'dog' / 'self')  # A loop.
+  os.symlink('../zebra', train / 'dog' / 'zebra')  # Another class.
+  os.symlink(tmp_path / 'more' / 'cats' / 'x', train / 'cat' / 'more')
+  config = folder_config(root, task='animals', train_split='train',
+                         val_split=None)
+  with caplog.at_level('WARNING'):
+    split = folders.read_split(root, input_pipeline.task_of(config), 'train')
+  assert split.labels.tolist() == [0] * 6 + [1] * 4 + [2] * 4
+  assert split.paths[4] == str(train / 'cat' / 'more' / '0.JPG')
+  skipped = sorted(record.getMessage().split()[2] for record in caplog.records
+                   if record.getMessage().startswith('Not following'))
+  assert skipped == [str(train / 'cat' / 'up'), str(train / 'dog' / 'self'),
+                     str(train / 'dog' / 'zebra')]
+
+
+@pytest.mark.parametrize('make, message', [
+    (lambda root: os.makedirs(root / 'train' / 'emu'),
+     r"Class 'emu' has no training images in .*train/emu; a class cannot be "
+     r'learned without them. Add its images there, or remove .*train/emu\.'),
+    (lambda root: write_image(str(root / 'test' / 'yak' / '0.png'), seed=0),
+     r"Class 'yak' has no training images in .*train/yak; .* or remove "
+     r'.*test/yak\.'),
+], ids=['empty_directory', 'only_in_test'])
+def test_a_class_without_training_images_is_refused(tmp_path, make, message):
+  root = make_image_folder(tmp_path / 'animals')
+  make(tmp_path / 'animals')
+  config = folder_config(root, task='animals', train_split='train',
+                         val_split=None)
+  source = input_pipeline.load_source(config, 'test')  # Scoring it is fine,
+  with pytest.raises(folders.SplitFileError, match=message):  # training not.
+    input_pipeline.load_source(config, 'train')
+  assert source.num_classes == 4
+
+
+def test_a_single_class_is_refused(tmp_path):
+  """It would train on nothing and score test accuracy 1.0."""
+  root = make_image_folder(tmp_path / 'cats', classes=('cat',))
+  config = folder_config(root, task='cats', train_split='train', val_split=None)
+  with pytest.raises(folders.SplitFileError,
+                     match="have only the class directory 'cat': a classifier "
+                     'needs two classes or more'):
+    input_pipeline.load_source(config, 'train')
+  write_list(str(tmp_path / 'ones' / 'train.txt'), ['a.png 0'])
+  write_list(str(tmp_path / 'ones' / 'test.txt'), ['a.png 0'])
+  with pytest.raises(folders.SplitFileError, match='have only the label 0'):
+    input_pipeline.num_classes(folder_config(
+        tmp_path, task='ones', train_split='train', val_split=None))
 
 
 def launch(args, cache, timeout=600):

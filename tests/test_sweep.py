@@ -78,6 +78,23 @@ def test_fields_a_sweep_cannot_share_are_refused(field, message):
     grid_lib.check_grid(tiny_config(), {field: (1, 2)})
 
 
+@pytest.mark.parametrize('spec, message', [
+    ('optim.lr=1e-3,,3e-3', 'with no empty value'),
+    ('=1,2', 'expected field=value,value'),
+    ('synqt.token_nums=a,b',
+     "'a' is not of type int, as config.synqt.token_nums"),
+    ('synqt.token_nums=1.5,2', '1.5 is not of type int'),
+    ('optim.lr=fast,1e-3', "'fast' is not of type float"),
+    ('optim.lr=1e-7,1e-3', r'Combination lr=1e-07 of the sweep: '
+     r'config.optim.min_lr=1e-06; expected a number in \[0, optim.lr=1e-07\]'),
+])
+def test_values_a_field_does_not_take_are_refused(spec, message):
+  """Issue 29: before the sweep writes anything (a crash there left a workdir
+  that refused the next sweep)."""
+  with pytest.raises(grid_lib.SweepError, match=message):
+    grid_lib.check_grid(tiny_config(), grid_lib.parse_grid([spec]))
+
+
 @pytest.mark.parametrize('name', ['token_nums=1-attn_scale=0.1-lr=0.01',
                                   'token_nums=2-attn_scale=1.0-lr=0.01'])
 def test_member_equals_the_same_combination_trained_alone(

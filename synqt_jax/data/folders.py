@@ -8,8 +8,12 @@ The layout is detected from the split file that exists:
                   torchvision's ImageFolder: labels are the class names in
                   sorted order. The classes are those of all the split
                   directories together (torchvision's when every split holds
-                  every class, consistent labels when one does not). Only
-                  where no split file exists.
+                  every class, consistent labels when one does not); each
+                  needs training images, and there must be two or more.
+                  Symlinked directories are followed, except back into a
+                  directory read already (a loop) or into or above another
+                  class directory (a warning each). Only where no split
+                  file exists.
   SynQT JSON      <root>/<task>/<split>.json, [{"<image path>": <label>}, ...],
                   paths relative to <root>/<task>/images/.
   VPT FGVC JSON   <root>/<split>.json, {"<image path>": <class id>, ...}, paths
@@ -35,6 +39,7 @@ import json
 import os
 from typing import Iterator, NamedTuple
 
+from absl import logging
 import numpy as np
 from PIL import Image
 import tqdm
@@ -88,13 +93,7 @@ class FolderSplit:
 
 def read_split(root: str, task: tasks.Task, split: str) -> FolderSplit:
   """Reads and checks `split` ('a+b' concatenates) of `task` under `root`."""
-  if not os.path.isdir(root):
-    raise FolderNotFoundError(
-        f'data.root {root!r} is not a directory. Point it at the folder that '
-        'holds the prepared task directories (e.g. '
-        f'<root>/{task.folder_names[0]}/test.txt), or use '
-        'data.source=\'tfds\'.')
-  split_files = [find_split_file(root, task, part) for part in split.split('+')]
+  split_files = split_paths(root, task, split)
   entries = [entry for path in split_files for entry in _read(path, task)]
   if not entries:
     raise SplitFileError(f'{" + ".join(split_files)} lists no images.')
@@ -116,11 +115,26 @@ def read_split(root: str, task: tasks.Task, split: str) -> FolderSplit:
       split_files=tuple(split_files))
 
 
+def split_paths(root: str, task: tasks.Task, split: str) -> list[str]:
+  """The split file or ImageFolder directory of each part of `split` ('a+b').
+
+  Raises FolderNotFoundError (or SplitFileError) saying what is missing.
+  """
+  if not os.path.isdir(root):
+    raise FolderNotFoundError(
+        f'data.root {root!r} is not a directory. Point it at the folder that '
+        'holds the prepared task directories (e.g. '
+        f'<root>/{task.folder_names[0]}/test.txt), or use '
+        'data.source=\'tfds\'.')
+  return [find_split_file(root, task, part) for part in split.split('+')]
+
+
 def find_split_file(root: str, task: tasks.Task, split: str) -> str:
   """Path of `split`'s list or JSON file for `task` under `root`.
 
   Where no candidate directory has one, the ImageFolder split directory
-  `<directory>/<split>/` instead.
+  `<directory>/<split>/` instead (one holding images but no class
+  directories is an error).
   """
   candidates = _candidates(root, task)
   for directory in candidates:
@@ -134,8 +148,14 @@ def find_split_file(root: str, task: tasks.Task, split: str) -> str:
     if found:
       return found[0]
   for directory in candidates:
-    if _class_directories(os.path.join(directory, split)):
-      return os.path.join(directory, split)
+    split_directory = os.path.join(directory, split)
+    if _class_directories(split_directory):
+      return split_directory
+    if _image_files_in(split_directory):
+      raise FolderNotFoundError(
+          f'{split_directory} holds images but no class directories; an '
+          f'ImageFolder split is {split}/<class name>/<images>: move each '
+          'class\'s images into a directory named after the class.')
   present = sorted(
       os.path.join(directory, name)
       for directory in candidates if os.path.isdir(directory)
@@ -160,6 +180,15 @@ def has_task(root: str, task: tasks.Task, split: str) -> bool:
             or bool(find_split_file(root, task, split.split('+')[0])))
   except FolderNotFoundError:
     return False
+
+
+def _image_files_in(directory: str) -> list[str]:
+  """The image files directly in `directory` (none if it is not one)."""
+  if not os.path.isdir(directory):
+    return []
+  return [name for name in os.listdir(directory)
+          if name.lower().endswith(IMAGE_EXTENSIONS)
+          and os.path.isfile(os.path.join(directory, name))]
 
 
 def _class_directories(directory: str) -> list[str]:
@@ -188,12 +217,46 @@ def count_classes(root: str, task: tasks.Task, splits) -> int:
   directories, or 1 + the largest label the split files list."""
   names = class_names(root, task, splits[0])
   if names is not None:
-    return len(names)
-  labels = [entry.label for split in splits for part in split.split('+')
-            for entry in _read(find_split_file(root, task, part), task)]
-  if not labels:
-    raise SplitFileError(f'The splits {", ".join(splits)} of {root} list no images.')
-  return max(labels) + 1
+    count, shown = len(names), f'only the class directory {names[0]!r}'
+  else:
+    labels = [entry.label for split in splits for part in split.split('+')
+              for entry in _read(find_split_file(root, task, part), task)]
+    if not labels:
+      raise SplitFileError(
+          f'The splits {", ".join(splits)} of {root} list no images.')
+    count, shown = max(labels) + 1, 'only the label 0'
+  if count < 2:
+    raise SplitFileError(
+        f'The splits {", ".join(splits)} of {root} have {shown}: a classifier '
+        'needs two classes or more (one class would score accuracy 1.0). Add '
+        'the images of the other classes.')
+  return count
+
+
+def check_every_class_trains(split: FolderSplit) -> None:
+  """Raises SplitFileError for an ImageFolder class with no image in `split`.
+
+  `split` is the training split: a class without training images (an empty
+  directory, or one in another split only) cannot be learned.
+  """
+  directories = [path for path in split.split_files if os.path.isdir(path)]
+  if not directories:
+    return
+  classes = image_folder_classes(directories[0])
+  trained = set(split.labels.tolist())
+  missing = [name for label, name in enumerate(classes) if label not in trained]
+  if missing:
+    parent = os.path.dirname(directories[0])
+    present = [os.path.join(parent, other, missing[0])
+               for other in sorted(os.listdir(parent))
+               if os.path.isdir(os.path.join(parent, other, missing[0]))]
+    others = (f' ({len(missing) - 1} more classes have none either)'
+              if len(missing) > 1 else '')
+    raise SplitFileError(
+        f'Class {missing[0]!r} has no training images in '
+        f'{" + ".join(os.path.join(d, missing[0]) for d in directories)}'
+        f'{others}; a class cannot be learned without them. Add its images '
+        f'there, or remove {" and ".join(present)}.')
 
 
 def load_image(path: str, origin: str = '') -> Image.Image:
@@ -297,13 +360,51 @@ def _read_list(path: str) -> Iterator[_Entry]:
 
 def _read_image_folder(directory: str) -> Iterator[_Entry]:
   classes = image_folder_classes(directory)
+  parent = os.path.dirname(directory)
+  every_class = {os.path.realpath(os.path.join(parent, split, name))
+                 for split in os.listdir(parent)
+                 for name in _class_directories(os.path.join(parent, split))}
   for name in _class_directories(directory):
     class_directory = os.path.join(directory, name)
-    for walk_root, _, files in sorted(os.walk(class_directory, followlinks=True)):
-      for file in sorted(files):
-        if file.lower().endswith(IMAGE_EXTENSIONS):
-          yield _Entry(os.path.join(walk_root, file), classes.index(name),
-                       f'{class_directory} (class {name!r})')
+    others = every_class - {os.path.realpath(class_directory)}
+    for path in _image_files(class_directory, others):
+      yield _Entry(path, classes.index(name),
+                   f'{class_directory} (class {name!r})')
+
+
+def _image_files(class_directory: str, others: set[str]) -> list[str]:
+  """The image files under `class_directory`, sorted by directory, then name.
+
+  Symlinked directories are followed, but not back into a directory walked
+  already (a loop), nor into or above another class directory (`others`,
+  real paths: their images are not this class's); each one not followed is
+  a warning.
+  """
+  visited, found = set(), []
+  for walk_root, directories, files in os.walk(class_directory,
+                                               followlinks=True):
+    real = os.path.realpath(walk_root)
+    crossed = walk_root != class_directory and [
+        other for other in sorted(others)
+        if _inside(real, other) or _inside(other, real)]
+    if real in visited or crossed:
+      directories.clear()
+      logging.warning(
+          'Not following %s (a symlink to %s): %s. Link image files, or '
+          'directories of this class only, instead.', walk_root, real,
+          'a loop back to a directory read already' if real in visited else
+          f'it holds or lies in the class directory {crossed[0]}')
+      continue
+    visited.add(real)
+    directories.sort()
+    found += [(walk_root, file) for file in files
+              if file.lower().endswith(IMAGE_EXTENSIONS)]
+  return [os.path.join(walk_root, file) for walk_root, file in sorted(found)]
+
+
+def _inside(path: str, directory: str) -> bool:
+  """Whether real path `path` is `directory` or lies under it."""
+  return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
 
 
 def _read_synqt_json(path: str, data: list) -> Iterator[_Entry]:

