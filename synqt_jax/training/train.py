@@ -49,16 +49,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from synqt_jax.data import batching
 from synqt_jax.config import fields as config_fields
 from synqt_jax.config import validation as config_validation
+from synqt_jax.data import data_config
 from synqt_jax.training import deferred_eval
 from synqt_jax.weights import export
 from synqt_jax.training import feature_cache
 from synqt_jax.training import host_memory
-from synqt_jax.data import input_pipeline
 from synqt_jax.models import methods
 from synqt_jax.training import metrics_log
 from synqt_jax.training import nonfinite
+from synqt_jax.data import preprocess
+from synqt_jax.data import sources
 from synqt_jax.training import train_checkpoints
 from synqt_jax.training import workdir as workdir_lib
 
@@ -94,7 +97,7 @@ def validated(config, workdir):
   config = resolve_workdir_paths(config, workdir)
   config_validation.validate(config)
   config_validation.validate_device_split(config, jax.device_count())
-  config = input_pipeline.resolve_normalization(config)
+  config = preprocess.resolve_normalization(config)
   workdir_lib.check_directory(workdir)
   return config
 
@@ -115,21 +118,21 @@ def prepare_run(config, workdir):
 @dataclasses.dataclass(frozen=True)
 class Data:
   """The task's splits and the run's length in steps."""
-  train: input_pipeline.Source
-  evaluation: dict[str, input_pipeline.Source]  # 'test', and 'val' if any.
+  train: sources.Source
+  evaluation: dict[str, sources.Source]  # 'test', and 'val' if any.
   steps_per_epoch: int
   total_steps: int
 
   @classmethod
   def load(cls, config):
     data = config.data
-    train = input_pipeline.load_source(data, data.train_split, in_memory=True)
-    evaluation = {'test': input_pipeline.load_source(data, data.test_split)}
+    train = data_config.load_source(data, data.train_split, in_memory=True)
+    evaluation = {'test': data_config.load_source(data, data.test_split)}
     if data.val_split:
-      evaluation['val'] = input_pipeline.load_source(data, data.val_split)
+      evaluation['val'] = data_config.load_source(data, data.val_split)
     for source in evaluation.values():  # A bad image stops the run now,
       source.check_images()             # not after hours of training.
-    steps_per_epoch = input_pipeline.steps_per_epoch(len(train),
+    steps_per_epoch = batching.steps_per_epoch(len(train),
                                                      config.optim.batch_size)
     return cls(train, evaluation, steps_per_epoch,
                config.optim.epochs * steps_per_epoch)
@@ -302,7 +305,7 @@ def compile_train_step(config, method, schedule, state, frozen, image_size):
   if jax.process_count() > 1:
     return step
   if config.train.feature_cache == 'none':
-    batch = input_pipeline.train_batch_spec(config.optim.batch_size, image_size)
+    batch = batching.train_batch_spec(config.optim.batch_size, image_size)
   else:
     batch = feature_cache.batch_spec(config.optim.batch_size, method.cache_row_shape,
                                      config.train.cache_dtype)
@@ -352,7 +355,7 @@ def open_train_batches(config, workdir, method, frozen, p_frozen, data,
   """
   num_steps = data.total_steps - start_step
   if config.train.feature_cache == 'none':
-    return input_pipeline.train_batches(
+    return batching.train_batches(
         data.train, config.optim.batch_size, seed=config.seed,
         normalization=config.data.normalization, start_step=start_step,
         num_steps=num_steps)
@@ -479,7 +482,7 @@ class ImmediateEvaluator(Evaluator):
   def _accuracy(self, p_params, source):
     """Accuracy on `source` (every example once; all hosts get the same)."""
     correct = count = 0
-    for batch in input_pipeline.eval_batches(
+    for batch in batching.eval_batches(
         source, self._config.eval_batch_size,
         normalization=self._config.data.normalization):
       counts = unreplicate(self._p_eval_step(p_params, self._p_frozen, batch))
