@@ -19,6 +19,7 @@ import numpy as np
 from configs import common as common_config
 from synqt_jax.weights import checkpoint
 from synqt_jax.training import host_memory
+from synqt_jax.weights import layouts
 from synqt_jax.models import methods
 from synqt_jax.models import vit as models_vit
 from synqt_jax.training import train
@@ -73,7 +74,7 @@ def random_backbone(vit, seed=0, dtype=jnp.float32):
 
 
 def backbone_shapes(vit, dtype=jnp.float32):
-  return checkpoint.nest({k: jax.ShapeDtypeStruct(shape, dtype)
+  return layouts.nest({k: jax.ShapeDtypeStruct(shape, dtype)
                           for k, shape in checkpoint.expected_shapes(vit).items()})
 
 
@@ -102,7 +103,7 @@ def method_inputs(name, vit, batch_size, num_classes=NUM_CLASSES, abstract=True,
   """
   config = config or common_config.get_config()
   method = methods.create(name, vit, num_classes, config)
-  dtype = methods.DTYPES[config.backbone_dtype]
+  dtype = models_vit.DTYPES[config.backbone_dtype]
   # A CPU device takes the aligned host arrays in place: held once.
   frozen = {'backbone': backbone_shapes(vit, dtype) if abstract else
             jax.device_put(random_backbone(vit, dtype=dtype), jax.local_devices()[0])}

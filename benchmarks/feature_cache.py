@@ -30,9 +30,10 @@ import jax
 import numpy as np
 
 from benchmarks import common
+from synqt_jax.data import batching
 from synqt_jax.training import feature_cache
-from synqt_jax.data import input_pipeline
 from synqt_jax.models import methods
+from synqt_jax.data import sources
 from synqt_jax.models import synqt
 from synqt_jax.training import steps
 
@@ -61,7 +62,7 @@ def parse_args():
 
 def random_source(num_examples, seed=0):
   rng = np.random.default_rng(seed)
-  return input_pipeline.ArraySource(
+  return sources.ArraySource(
       rng.integers(0, 256, (num_examples, 224, 224, 3), np.uint8),
       rng.integers(0, NUM_CLASSES, num_examples), NUM_CLASSES)
 
@@ -155,7 +156,7 @@ def project(measured, build, args):
   A test image's backbone pass costs what a cached row cost to build; a
   separate evaluation adds the query-path scoring to it.
   """
-  steps = input_pipeline.steps_per_epoch(args.train_images, BATCH)
+  steps = batching.steps_per_epoch(args.train_images, BATCH)
   kv_per_image = build['warm_s'] / build['rows']
   build_s = kv_per_image * (args.train_images + 1)
   online_epoch = steps * measured['online_step_s']

@@ -40,7 +40,7 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks import feature_cache as cache_benchmark
-from synqt_jax.data import input_pipeline
+from synqt_jax.data import batching
 from synqt_jax.models import methods
 from synqt_jax.training import sweep
 from synqt_jax.models import synqt
@@ -108,7 +108,7 @@ def score_seconds(tokens, frozen, cache):
 
 def project(m, args):
   """End-to-end seconds of the four ways to run the grid (module docstring)."""
-  steps = args.epochs * input_pipeline.steps_per_epoch(args.train_images, BATCH)
+  steps = args.epochs * batching.steps_per_epoch(args.train_images, BATCH)
   kv_per_image = m['build']['warm_s'] / m['build']['rows']
   build_s = kv_per_image * (args.train_images + 1)
   test_kv = args.test_images * kv_per_image

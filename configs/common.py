@@ -64,9 +64,9 @@ def get_config():
   config.checkpoint_every_steps = 200
   config.keep_checkpoints = 3
   config.seed = 42
-  # Activations (one of methods.DTYPES); 'bfloat16' halves their memory.
+  # Activations (one of models_vit.DTYPES); 'bfloat16' halves their memory.
   config.dtype = 'float32'
-  # The frozen backbone's weights on the devices (one of methods.DTYPES):
+  # The frozen backbone's weights on the devices (one of models_vit.DTYPES):
   # 'bfloat16' halves them, rounded once at load; they compute in `dtype`.
   # Not with method='full', whose backbone is the trainable state.
   config.backbone_dtype = 'float32'

@@ -7,7 +7,7 @@ Where each number comes from (the SynQT reference publishes no FGVC
 settings; VPT = github.com/KMnP/vpt):
   - augmentation: VPT's src/data/transforms.py at 224: training Resize(256),
     RandomCrop(224), RandomHorizontalFlip; evaluation Resize(256),
-    CenterCrop(224) (`data.augmentation='vpt'`, input_pipeline.CropFlipSource).
+    CenterCrop(224) (`data.augmentation='vpt'`, augment.CropFlipSource).
   - epochs 100, warm-up 10, batch 128 (cosine schedule): VPT's
     configs/base-prompt.yaml (TOTAL_EPOCH, WARMUP_EPOCH, BATCH_SIZE), the same
     for all five datasets.

@@ -4,7 +4,8 @@ Every designed error (a bad config field, a missing data folder, a corrupt
 image, a checkpoint that does not fit, a workdir in use, a diverged run, ...)
 derives from `UserError`, with a message that says what is wrong and what to
 do; launch.py prints it as one `Error: ...` line and exits 1. Any other
-exception is a bug and keeps its traceback.
+exception is a bug and keeps its traceback. An error that several modules
+raise is defined here; one module's own errors are defined beside its code.
 """
 import errno
 from typing import Iterator
@@ -14,6 +15,14 @@ NO_SPACE_LEFT = 'No space left on device'
 
 class UserError(Exception):
   """Something the user can fix; the message names the problem and the fix."""
+
+
+class DataConfigError(UserError, ValueError):
+  """A data config field with a bad value; the message names the field."""
+
+
+class CheckpointError(UserError, ValueError):
+  """A checkpoint that cannot be used; the message says why and what to do."""
 
 
 def chain(error: BaseException) -> Iterator[BaseException]:

@@ -13,8 +13,8 @@ from synqt_jax.config import fields as config_fields
 from synqt_jax import errors
 from synqt_jax.weights import export
 from synqt_jax.data import folders
-from synqt_jax.data import input_pipeline
 from synqt_jax.models import methods
+from synqt_jax.data import preprocess
 from synqt_jax.training import workdir as workdir_lib
 
 
@@ -98,7 +98,7 @@ class Predictor:
 
   def probabilities(self, images):
     """Class probabilities [N, C] for uint8 images [N, S, S, 3] (already resized)."""
-    images = input_pipeline.normalize(images, self.config.data.normalization)
+    images = preprocess.normalize(images, self.config.data.normalization)
     logits = self._apply(self.params, self.frozen, images)
     return np.asarray(jax.nn.softmax(logits.astype(np.float32)))
 
@@ -113,7 +113,7 @@ class Predictor:
     results = []
     for start in range(0, len(image_paths), batch_size):
       paths = image_paths[start:start + batch_size]
-      images = np.stack([input_pipeline.resize(folders.load_image(p), size)
+      images = np.stack([preprocess.resize(folders.load_image(p), size)
                          for p in paths])
       for path, probs in zip(paths, self.probabilities(images)):
         top = np.argsort(-probs, kind='stable')[:top_k]

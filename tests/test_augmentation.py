@@ -10,8 +10,11 @@ from PIL import Image
 import pytest
 
 from configs import fgvc
+from synqt_jax.data import augment
+from synqt_jax.data import batching
 from synqt_jax.config import validation as config_validation
-from synqt_jax.data import input_pipeline
+from synqt_jax.data import preprocess
+from synqt_jax.data import sources
 from synqt_jax.data import tasks
 from synqt_jax.training import train
 from training_runs import compilation_cache  # pylint: disable=unused-import
@@ -26,7 +29,7 @@ def test_shorter_side_resize_keeps_the_aspect_ratio_and_the_centre():
   # 300 x 200 (W x H): the shorter side becomes 256, the longer 384.
   x = np.linspace(0, 255, 300).astype(np.uint8)
   image = np.repeat(np.repeat(x[None, :, None], 200, 0), 3, 2)
-  out = input_pipeline.resize_shorter_side(image, 256)
+  out = preprocess.resize_shorter_side(image, 256)
   assert out.shape == (256, 256, 3)
   want = np.asarray(Image.fromarray(image).resize((384, 256), Image.BILINEAR))
   np.testing.assert_array_equal(out, want[:, 64:320])
@@ -39,8 +42,8 @@ def ramp_source(n=6, size=37):
   rows, cols = np.mgrid[:size, :size]
   images = np.stack([np.stack([rows * 6, cols * 6, np.full_like(rows, i)], -1)
                      for i in range(n)]).astype(np.uint8)
-  return input_pipeline.CropFlipSource(
-      input_pipeline.ArraySource(images, np.arange(n) % 2, 2), 32)
+  return augment.CropFlipSource(
+      sources.ArraySource(images, np.arange(n) % 2, 2), 32)
 
 
 def test_centre_and_random_crops_are_windows_of_the_stored_image():
@@ -62,7 +65,7 @@ def test_centre_and_random_crops_are_windows_of_the_stored_image():
 
 
 def batches(source, start_step, num_steps, seed=0):
-  return [b['image'] for b in input_pipeline.train_batches(
+  return [b['image'] for b in batching.train_batches(
       source, 4, seed=seed, start_step=start_step, num_steps=num_steps,
       normalization='inception', local_device_count=1, process_count=1,
       process_index=0)]
@@ -76,7 +79,7 @@ def test_views_are_a_function_of_seed_step_and_example():
   assert not np.array_equal(stream[0], stream[2])
   assert not np.array_equal(batches(source, 0, 1, seed=1)[0], stream[0])
   # Two hosts' halves of a global batch are the one host's batch.
-  halves = [next(iter(input_pipeline.train_batches(
+  halves = [next(iter(batching.train_batches(
       source, 4, seed=0, start_step=5, num_steps=1,
       normalization='inception', local_device_count=1, process_count=2,
       process_index=i)))['image'] for i in range(2)]

@@ -361,15 +361,14 @@ def test_a_bug_keeps_its_traceback(parsed_flags, tmp_path, monkeypatch):
 
 def test_every_designed_error_is_a_user_error():
   """Defect 7: launch.py shows these as one line."""
-  from synqt_jax.weights import checkpoint, folders, input_pipeline, nonfinite  # pylint: disable=g-import-not-at-top
+  from synqt_jax.data import folders, sources, tasks  # pylint: disable=g-import-not-at-top
   from synqt_jax import predict  # pylint: disable=g-import-not-at-top
-  from synqt_jax.data import tasks  # pylint: disable=g-import-not-at-top
-  from synqt_jax.training import checkpointing, workdir  # pylint: disable=g-import-not-at-top
-  designed = [checkpoint.CheckpointError, export.ExportError,
+  from synqt_jax.training import checkpointing, nonfinite, workdir  # pylint: disable=g-import-not-at-top
+  designed = [errors.CheckpointError, export.ExportError,
               folders.FolderNotFoundError, folders.SplitFileError,
               folders.MissingImageError, folders.CorruptImageError,
-              input_pipeline.DataConfigError,
-              input_pipeline.TfdsNotPreparedError,
+              errors.DataConfigError,
+              sources.TfdsNotPreparedError,
               tasks.UnknownTaskError, tasks.LabelOutOfRangeError,
               checkpointing.NoUsableCheckpointError,
               predict.PredictInputError, workdir.WorkdirError,

@@ -11,6 +11,7 @@ import pytest
 from synqt_jax.models import baselines
 from synqt_jax.weights import checkpoint
 from synqt_jax.weights import export
+from synqt_jax.weights import layouts
 from synqt_jax.models import methods
 from synqt_jax.models import vit as models_vit
 from synqt_jax.testing import random_vit
@@ -151,8 +152,8 @@ def test_lora_merges_into_query_and_value_only(tiny):
   vit, frozen = tiny
   lora = jax.tree.map(jnp.ones_like, make_method('lora', vit).init(
       jax.random.PRNGKey(0), frozen, None)['lora'])
-  merged = checkpoint.flatten(baselines.merge_lora(frozen['backbone'], lora, 0.5))
-  original = checkpoint.flatten(frozen['backbone'])
+  merged = layouts.flatten(baselines.merge_lora(frozen['backbone'], lora, 0.5))
+  original = layouts.flatten(frozen['backbone'])
   assert merged.keys() == original.keys()
   changed = {k for k in original if not np.array_equal(merged[k], original[k])}
   assert changed == {

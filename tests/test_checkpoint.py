@@ -14,9 +14,12 @@ import optax
 import pytest
 
 from synqt_jax.weights import checkpoint
+from synqt_jax import errors
+from synqt_jax.weights import layouts
 from synqt_jax.models import methods
 from synqt_jax.models import resnet as models_resnet
 from synqt_jax.models import vit as models_vit
+from synqt_jax.weights import position_embedding
 from synqt_jax.testing import random_vit
 from synqt_jax.models import synqt
 
@@ -90,7 +93,7 @@ def test_published_architectures_are_read_from_their_shapes(name):
     assert flat[POS].shape == (1, 577, width) and config.num_tokens == 577
     # Loading one at 224 px resizes the 24x24 grid to 14x14.
     at_224 = checkpoint.vit_config(flat, image_size=224)
-    pos = checkpoint.interpolate_posemb(np.zeros(flat[POS].shape, np.float32), 197)
+    pos = position_embedding.interpolate_posemb(np.zeros(flat[POS].shape, np.float32), 197)
     checkpoint.check_against({**flat, POS: pos}, at_224)
 
 
@@ -136,9 +139,9 @@ def write_npz(path, flat):
 
 
 def test_missing_file(tmp_path):
-  with pytest.raises(checkpoint.CheckpointError, match='does not exist'):
+  with pytest.raises(errors.CheckpointError, match='does not exist'):
     checkpoint.load(str(tmp_path / 'nowhere' / 'vit.npz'))
-  with pytest.raises(checkpoint.CheckpointError, match='does not exist'):
+  with pytest.raises(errors.CheckpointError, match='does not exist'):
     checkpoint.load_npz(str(tmp_path / 'vit.npz'))
 
 
@@ -147,20 +150,20 @@ def test_truncated_file(tiny_checkpoint):
   data = open(path, 'rb').read()
   with open(path, 'wb') as f:
     f.write(data[:len(data) // 2])
-  with pytest.raises(checkpoint.CheckpointError, match='truncated or corrupt'):
+  with pytest.raises(errors.CheckpointError, match='truncated or corrupt'):
     checkpoint.load(path)
 
 
 def test_corrupt_file(tmp_path):
   path = tmp_path / 'vit.npz'
   path.write_bytes(np.random.default_rng(0).bytes(4096))
-  with pytest.raises(checkpoint.CheckpointError, match='truncated or corrupt'):
+  with pytest.raises(errors.CheckpointError, match='truncated or corrupt'):
     checkpoint.load(str(path))
 
 
 def test_a_file_that_is_not_a_vit_checkpoint(tmp_path):
   path = write_npz(tmp_path / 'other.npz', {'weights': np.zeros(3), 'bias': np.ones(2)})
-  with pytest.raises(checkpoint.CheckpointError,
+  with pytest.raises(errors.CheckpointError,
                      match="is not a ViT checkpoint: it has no 'embedding/kernel'"):
     checkpoint.load(path)
 
@@ -169,7 +172,7 @@ def test_missing_key_is_listed(tiny_checkpoint, tmp_path):
   flat = checkpoint.load_npz(tiny_checkpoint())
   del flat['Transformer/encoderblock_1/LayerNorm_2/scale']
   path = write_npz(tmp_path / 'missing.npz', flat)
-  with pytest.raises(checkpoint.CheckpointError) as e:
+  with pytest.raises(errors.CheckpointError) as e:
     checkpoint.load(path)
   assert 'missing keys (1): Transformer/encoderblock_1/LayerNorm_2/scale' in str(e.value)
   assert 'unexpected' not in str(e.value) and 'shape mismatch' not in str(e.value)
@@ -179,7 +182,7 @@ def test_unexpected_key_is_listed(tiny_checkpoint, tmp_path):
   flat = checkpoint.load_npz(tiny_checkpoint())
   flat['Transformer/encoderblock_0/Adapter/kernel'] = np.zeros((32, 8), np.float32)
   path = write_npz(tmp_path / 'extra.npz', flat)
-  with pytest.raises(checkpoint.CheckpointError,
+  with pytest.raises(errors.CheckpointError,
                      match=r'unexpected keys \(1\): Transformer/encoderblock_0/Adapter/kernel'):
     checkpoint.load(path)
 
@@ -189,7 +192,7 @@ def test_shape_mismatch_names_key_expected_and_found(tiny_checkpoint, tmp_path):
   key = 'Transformer/encoderblock_1/MlpBlock_3/Dense_1/bias'
   flat[key] = np.zeros(33, np.float32)
   path = write_npz(tmp_path / 'shape.npz', flat)
-  with pytest.raises(checkpoint.CheckpointError) as e:
+  with pytest.raises(errors.CheckpointError) as e:
     checkpoint.load(path)
   assert f'shape mismatch for {key}: expected (32,), found (33,)' in str(e.value)
 
@@ -204,7 +207,7 @@ def test_every_problem_is_reported_at_once_and_nothing_is_returned(tiny_checkpoi
                                                                            np.float32)
   path = write_npz(tmp_path / 'bad.npz', flat)
   result = 'untouched'
-  with pytest.raises(checkpoint.CheckpointError) as e:
+  with pytest.raises(errors.CheckpointError) as e:
     result = checkpoint.load(path)
   assert result == 'untouched'  # Raised: no partial (config, params) comes back.
   message = str(e.value)
@@ -219,12 +222,12 @@ def test_every_problem_is_reported_at_once_and_nothing_is_returned(tiny_checkpoi
 def test_position_embedding_that_is_not_a_square_grid(tiny_checkpoint, tmp_path):
   flat = checkpoint.load_npz(tiny_checkpoint())
   flat[POS] = flat[POS][:, :-1]
-  with pytest.raises(checkpoint.CheckpointError, match='not 1 \\+ a square grid'):
+  with pytest.raises(errors.CheckpointError, match='not 1 \\+ a square grid'):
     checkpoint.load(write_npz(tmp_path / 'pos.npz', flat))
 
 
 def test_image_size_must_be_a_multiple_of_the_patch(tiny_checkpoint):
-  with pytest.raises(checkpoint.CheckpointError, match='not a multiple'):
+  with pytest.raises(errors.CheckpointError, match='not a multiple'):
     checkpoint.load(tiny_checkpoint(), image_size=36)
 
 
@@ -254,14 +257,14 @@ def numpy_resize_posemb(posemb, new):
 
 def test_interpolation_is_identity_at_the_same_size():
   posemb = np.random.default_rng(0).standard_normal((1, 17, 8)).astype(np.float32)
-  np.testing.assert_array_equal(checkpoint.interpolate_posemb(posemb, 17), posemb)
+  np.testing.assert_array_equal(position_embedding.interpolate_posemb(posemb, 17), posemb)
 
 
 def test_interpolation_2x2_to_4x4_known_values():
   grid = np.array([[0., 4.], [8., 12.]])  # Row-major tokens: (y, x).
   posemb = np.concatenate([[[[7., -7.]]], np.stack([grid, -2 * grid], -1).reshape(1, 4, 2)],
                           axis=1).astype(np.float32)
-  out = checkpoint.interpolate_posemb(posemb, 17)
+  out = position_embedding.interpolate_posemb(posemb, 17)
   assert out.shape == (1, 17, 2)
   np.testing.assert_array_equal(out[0, 0], [7., -7.])  # The class token is kept.
   want = np.array([[0, 1, 3, 4], [2, 3, 5, 6], [6, 7, 9, 10], [8, 9, 11, 12]], np.float32)
@@ -273,7 +276,7 @@ def test_interpolation_keeps_a_linear_ramp_linear():
   y, x = np.meshgrid(np.arange(4.), np.arange(4.), indexing='ij')
   ramp = 2 * y + 3 * x + 1
   posemb = np.concatenate([np.full((1, 1, 1), 5.), ramp.reshape(1, 16, 1)], 1)
-  out = checkpoint.interpolate_posemb(posemb.astype(np.float32), 65)[0, 1:, 0].reshape(8, 8)
+  out = position_embedding.interpolate_posemb(posemb.astype(np.float32), 65)[0, 1:, 0].reshape(8, 8)
   u = np.arange(8) / 2 - 0.25  # Source coordinate of each new pixel (half-pixel centres).
   want = 2 * u[:, None] + 3 * u[None, :] + 1
   np.testing.assert_allclose(out[1:-1, 1:-1], want[1:-1, 1:-1], atol=1e-5)
@@ -281,7 +284,7 @@ def test_interpolation_keeps_a_linear_ramp_linear():
   uc = np.clip(u, 0, 3)
   np.testing.assert_allclose(out, 2 * uc[:, None] + 3 * uc[None, :] + 1, atol=1e-5)
   # Downsampling (as 384 -> 224 px) without antialiasing: plain bilinear too.
-  down = checkpoint.interpolate_posemb(posemb.astype(np.float32), 5)[0, 1:, 0]
+  down = position_embedding.interpolate_posemb(posemb.astype(np.float32), 5)[0, 1:, 0]
   u = np.array([0.5, 2.5])
   np.testing.assert_allclose(down.reshape(2, 2), 2 * u[:, None] + 3 * u[None, :] + 1,
                              atol=1e-5)
@@ -291,13 +294,13 @@ def test_interpolation_keeps_a_linear_ramp_linear():
 def test_interpolation_matches_pytorch_bilinear(old, new):
   posemb = np.random.default_rng(old).standard_normal((1, 1 + old * old, 3))
   posemb = posemb.astype(np.float32)
-  np.testing.assert_allclose(checkpoint.interpolate_posemb(posemb, 1 + new * new),
+  np.testing.assert_allclose(position_embedding.interpolate_posemb(posemb, 1 + new * new),
                              numpy_resize_posemb(posemb, new), atol=1e-5)
 
 
 def test_interpolation_to_a_non_square_grid_is_an_error():
-  with pytest.raises(checkpoint.CheckpointError, match='not a square grid'):
-    checkpoint.interpolate_posemb(np.zeros((1, 17, 4), np.float32), 21)
+  with pytest.raises(errors.CheckpointError, match='not a square grid'):
+    position_embedding.interpolate_posemb(np.zeros((1, 17, 4), np.float32), 21)
 
 
 def test_loading_at_another_resolution_interpolates_and_runs(tiny_checkpoint,
@@ -386,11 +389,11 @@ def test_published_names_of_all_sizes_and_patches():
 
 
 def test_bad_names_and_collections():
-  with pytest.raises(checkpoint.CheckpointError, match='Unknown checkpoint collection'):
+  with pytest.raises(errors.CheckpointError, match='Unknown checkpoint collection'):
     checkpoint.published_url('ViT-B_16', 'imagenet22k')
-  with pytest.raises(checkpoint.CheckpointError, match='not a published ViT name'):
+  with pytest.raises(errors.CheckpointError, match='not a published ViT name'):
     checkpoint.published_url('ViT-B16')
-  with pytest.raises(checkpoint.CheckpointError, match='not a published ViT name'):
+  with pytest.raises(errors.CheckpointError, match='not a published ViT name'):
     checkpoint.resolve('resnet50')
 
 
@@ -493,7 +496,7 @@ def test_truncated_download_leaves_nothing_and_a_retry_works(http_server,
   url = publish(http_server, tiny_checkpoint(), 'vit.npz')
   http_server.truncate.add('/vit.npz')
   cache = str(tmp_path / 'cache')
-  with pytest.raises(checkpoint.CheckpointError, match=r'stopped at \d+ of \d+ bytes'):
+  with pytest.raises(errors.CheckpointError, match=r'stopped at \d+ of \d+ bytes'):
     checkpoint.resolve(url, cache_dir=cache)
   assert files_under(cache) == []
   http_server.truncate.clear()
@@ -511,7 +514,7 @@ def test_corrupt_download_leaves_nothing(http_server, tmp_path, content):
     message = 'is not a ViT checkpoint'
   url = publish(http_server, bad, 'vit.npz')
   cache = str(tmp_path / 'cache')
-  with pytest.raises(checkpoint.CheckpointError, match=message):
+  with pytest.raises(errors.CheckpointError, match=message):
     checkpoint.resolve(url, cache_dir=cache)
   assert files_under(cache) == []
 
@@ -519,7 +522,7 @@ def test_corrupt_download_leaves_nothing(http_server, tmp_path, content):
 def test_unreachable_url_is_a_clear_error(http_server, tmp_path):
   cache = str(tmp_path / 'cache')
   for _ in range(3):
-    with pytest.raises(checkpoint.CheckpointError, match='Could not download .*404'):
+    with pytest.raises(errors.CheckpointError, match='Could not download .*404'):
       checkpoint.resolve(http_server.url + '/missing.npz', cache_dir=cache)
   assert files_under(cache) == []
   # The temp files are closed: no open descriptor points into the cache. (Not a
@@ -593,7 +596,7 @@ def trains_one_synqt_step(path, **load_kwargs):
   assert kv.shape == (1, vit.num_layers, 2, vit.num_tokens, vit.num_heads, vit.head_dim)
   loss, new, frozen_grads = step(trainable, frozen, x, np.array([0, 2]))
   assert np.isfinite(loss)
-  image_path = {k: g for k, g in checkpoint.flatten(frozen_grads['backbone']).items()
+  image_path = {k: g for k, g in layouts.flatten(frozen_grads['backbone']).items()
                 if k.startswith(IMAGE_PATH_ONLY)}
   assert image_path and not any(np.any(np.asarray(g)) for g in image_path.values())
   changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
@@ -653,7 +656,7 @@ def official_b16():
   config = checkpoint.vit_config(flat)
   x = np.random.default_rng(3).standard_normal((2, 224, 224, 3)).astype(np.float32)
   logits = models_vit.VisionTransformer(config).apply(
-      {'params': checkpoint.nest(flat)}, x)
+      {'params': layouts.nest(flat)}, x)
   return flat, config, x, logits
 
 
@@ -674,7 +677,7 @@ def test_other_b16_layouts_load_as_the_same_model_and_train(tmp_path, official_b
       models_vit.VisionTransformer(loaded).apply({'params': params}, x), logits,
       rtol=0, atol=1e-5)
   if not layout.startswith('big_vision'):  # There `cls` absorbs a posemb row.
-    assert checkpoint.digest(checkpoint.flatten(params)) == checkpoint.digest(flat)
+    assert checkpoint.digest(layouts.flatten(params)) == checkpoint.digest(flat)
   shallow = random_vit.make(**{**B16_LAYOUT, 'depth': TRAINED_DEPTH})
   trains_one_synqt_step(write_npz(tmp_path / f'{layout}_{TRAINED_DEPTH}.npz',
                                   LAYOUT_WRITERS[layout](shallow)))
@@ -684,7 +687,7 @@ def test_big_vision_map_head_is_one_clear_line(tmp_path):
   flat = random_vit.big_vision(random_vit.make(width=32, depth=1, heads=2, mlp=64,
                                                patch=8, image=16, classifier='gap'))
   flat['params/MAPHead_0/probe'] = np.zeros((1, 1, 32), np.float32)
-  with pytest.raises(checkpoint.CheckpointError, match='MAP head') as e:
+  with pytest.raises(errors.CheckpointError, match='MAP head') as e:
     checkpoint.load(write_npz(tmp_path / 'map.npz', flat))
   one_line(e)
 
@@ -694,7 +697,7 @@ def test_an_unknown_layout_is_one_line_naming_what_was_found(tmp_path):
   flat = {f'blocks.{i}.mlp.fc{j}.weight': np.zeros(1, np.float32)
           for i in range(1000) for j in range(4)}
   flat['patch_embed.proj.weight'] = np.zeros(1, np.float32)
-  with pytest.raises(checkpoint.CheckpointError) as e:
+  with pytest.raises(errors.CheckpointError) as e:
     checkpoint.load(write_npz(tmp_path / 'timm.npz', flat))
   message = one_line(e)
   assert "has no 'embedding/kernel'" in message and '4001 keys' in message
@@ -706,10 +709,10 @@ def test_a_plain_vit_loaded_with_a_hybrids_extra_keys_summarises_them(tmp_path):
   flat = random_vit.make(width=32, depth=1, heads=2, mlp=64, patch=1, image=32,
                          classes=5, resnet=R50_UNITS, resnet_width=32)
   config = checkpoint.vit_config(
-      {k: v for k, v in checkpoint.official_layout(flat).items()
+      {k: v for k, v in layouts.official_layout(flat).items()
        if not k.startswith(('conv_root', 'gn_root', 'block'))})
-  with pytest.raises(checkpoint.CheckpointError) as e:
-    checkpoint.check_against(checkpoint.official_layout(flat), config)
+  with pytest.raises(errors.CheckpointError) as e:
+    checkpoint.check_against(layouts.official_layout(flat), config)
   message = one_line(e)
   assert 'unexpected keys (156): 156 keys: block1/* (' in message
   assert 'shape mismatch for embedding/kernel' in message

@@ -10,7 +10,7 @@ from configs import fgvc
 from configs import tiny
 from configs import vtab1k
 from synqt_jax.config import validation as config_validation
-from synqt_jax.data import input_pipeline
+from synqt_jax import errors
 from synqt_jax.models import methods
 from synqt_jax.models import vit as models_vit
 from synqt_jax.data import tasks
@@ -50,7 +50,7 @@ def test_reference_names_and_aliases_select_vtab_tasks():
 @pytest.mark.parametrize('task', tasks.FGVC_TASKS)
 def test_fgvc_configs_read_prepared_folders(task, tmp_path):
   config = fgvc.get_config(task)
-  with pytest.raises(input_pipeline.DataConfigError, match='data.root'):
+  with pytest.raises(errors.DataConfigError, match='data.root'):
     config_validation.validate(config)  # The folder must be given.
   config.data.root = str(tmp_path)
   config_validation.validate(config)

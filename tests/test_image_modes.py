@@ -5,8 +5,9 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from synqt_jax.data import data_config
 from synqt_jax.data import folders
-from synqt_jax.data import input_pipeline
+from synqt_jax.data import preprocess
 from synqt_jax.data import tasks
 
 GRADIENT16 = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
@@ -28,7 +29,7 @@ def test_16_bit_png_is_scaled_not_clipped(tmp_path):
   for channel in range(3):
     np.testing.assert_array_equal(rgb[..., channel], want)
   np.testing.assert_array_equal(  # And a 16-bit image handed to resize.
-      input_pipeline.resize(image, 64), rgb)
+      preprocess.resize(image, 64), rgb)
 
 
 def test_32_bit_integer_and_float_images_are_scaled(tmp_path):
@@ -93,9 +94,9 @@ def write_split(root, count, corrupt=()):
 def test_every_image_of_a_split_is_checked_before_training(tmp_path):
   """Defect 4: a corrupt test image crashed the run at the first evaluation."""
   write_split(tmp_path, 30, corrupt=(7, 20))
-  config = input_pipeline.default_data_config(source='folder', task='eurosat',
+  config = data_config.default_data_config(source='folder', task='eurosat',
                                               root=str(tmp_path), image_size=8)
-  source = input_pipeline.load_source(config, 'test')  # Lists; decodes none.
+  source = data_config.load_source(config, 'test')  # Lists; decodes none.
   with pytest.raises(folders.CorruptImageError) as info:
     source.check_images()
   message = str(info.value)

@@ -9,7 +9,12 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from synqt_jax.data import input_pipeline
+from synqt_jax.data import batching
+from synqt_jax.data import data_config
+from synqt_jax import errors
+from synqt_jax.data import prefetcher
+from synqt_jax.data import preprocess
+from synqt_jax.data import sources
 from synqt_jax.data import tasks
 
 
@@ -22,7 +27,7 @@ def test_imagenet_normalization_by_hand():
                [0.515 / 0.229, 0.544 / 0.224, 0.594 / 0.225],
                [(10 / 255 - 0.485) / 0.229, (128 / 255 - 0.456) / 0.224,
                 (200 / 255 - 0.406) / 0.225]]]
-  normalized = input_pipeline.normalize(pixels, 'imagenet')
+  normalized = preprocess.normalize(pixels, 'imagenet')
   assert normalized.dtype == np.float32
   np.testing.assert_allclose(normalized, expected, rtol=1e-6)
   np.testing.assert_allclose(normalized[0, 0], [-2.1179039, -2.0357141,
@@ -31,7 +36,7 @@ def test_imagenet_normalization_by_hand():
 
 def test_inception_normalization():
   pixels = np.array([0, 128, 255], np.uint8)
-  np.testing.assert_allclose(input_pipeline.normalize(pixels, 'inception'),
+  np.testing.assert_allclose(preprocess.normalize(pixels, 'inception'),
                              [-1., 0.5 / 127.5, 1.], rtol=1e-6)
 
 
@@ -39,11 +44,11 @@ def test_resize_is_pil_bicubic_straight_to_square():
   pixels = np.random.default_rng(0).integers(0, 256, (20, 37, 3), np.uint8)
   expected = np.asarray(Image.fromarray(pixels).resize((16, 16),
                                                        Image.BICUBIC))
-  np.testing.assert_array_equal(input_pipeline.resize(pixels, 16), expected)
+  np.testing.assert_array_equal(preprocess.resize(pixels, 16), expected)
   np.testing.assert_array_equal(
-      input_pipeline.resize(Image.fromarray(pixels), 16), expected)
+      preprocess.resize(Image.fromarray(pixels), 16), expected)
   constant = np.full((5, 7, 3), 77, np.uint8)
-  np.testing.assert_array_equal(input_pipeline.resize(constant, 9), 77)
+  np.testing.assert_array_equal(preprocess.resize(constant, 9), 77)
 
 
 @pytest.mark.parametrize('shape', [(20, 37), (20, 37, 1)])
@@ -51,7 +56,7 @@ def test_resize_tiles_grayscale(shape):
   gray = np.random.default_rng(1).integers(0, 256, shape, np.uint8)
   expected = np.asarray(Image.fromarray(gray.reshape(20, 37)).convert('RGB')
                         .resize((16, 16), Image.BICUBIC))
-  resized = input_pipeline.resize(gray, 16)
+  resized = preprocess.resize(gray, 16)
   assert resized.shape == (16, 16, 3)
   np.testing.assert_array_equal(resized, expected)
 
@@ -61,10 +66,10 @@ def test_resize_tiles_grayscale(shape):
 
 def test_array_source_resizes_and_tiles():
   gray = np.random.default_rng(2).integers(0, 256, (3, 10, 12), np.uint8)
-  source = input_pipeline.ArraySource(gray, [0, 1, 2], 3, image_size=8)
+  source = sources.ArraySource(gray, [0, 1, 2], 3, image_size=8)
   image, label = source[1]
   assert (len(source), source.image_size, label) == (3, 8, 1)
-  np.testing.assert_array_equal(image, input_pipeline.resize(gray[1], 8))
+  np.testing.assert_array_equal(image, preprocess.resize(gray[1], 8))
 
 
 @pytest.mark.parametrize('images, labels, error, match', [
@@ -76,7 +81,7 @@ def test_array_source_resizes_and_tiles():
 ])
 def test_array_source_rejects_bad_input(images, labels, error, match):
   with pytest.raises(error, match=match):
-    input_pipeline.ArraySource(images, np.array(labels), 3)
+    sources.ArraySource(images, np.array(labels), 3)
 
 
 # Batch order.
@@ -86,7 +91,7 @@ def index_source(n, size=4):
   """Example i has label i and all pixels i, so batches show their indices."""
   images = np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None, None],
                            (n, size, size, 3))
-  return input_pipeline.ArraySource(images, np.arange(n), n)
+  return sources.ArraySource(images, np.arange(n), n)
 
 
 def train(source, batch=4, steps=9, **kwargs):
@@ -94,7 +99,7 @@ def train(source, batch=4, steps=9, **kwargs):
   kwargs.setdefault('process_count', 1)
   kwargs.setdefault('process_index', 0)
   kwargs.setdefault('seed', 0)
-  return list(input_pipeline.train_batches(source, batch, num_steps=steps,
+  return list(batching.train_batches(source, batch, num_steps=steps,
                                            **kwargs))
 
 
@@ -113,7 +118,7 @@ def test_order_is_the_documented_function_of_seed_and_step():
     expected = list(order[batch * 4:batch * 4 + 4])
     expected += [-1] * (4 - len(expected))
     np.testing.assert_array_equal(
-        input_pipeline.train_indices(10, 4, seed=5, step=step), expected)
+        batching.train_indices(10, 4, seed=5, step=step), expected)
 
 
 def test_same_seed_same_batches_other_seed_other_batches():
@@ -149,11 +154,11 @@ def test_every_example_once_per_epoch_and_padded_last_batch():
   for batch in batches:   # Pixels hold the example's index; padding is 0.
     pixels = np.repeat(batch['label'].astype(np.uint8)[..., None], 3, -1)
     np.testing.assert_array_equal(batch['image'][:, :, 0, 0],
-                                  input_pipeline.normalize(pixels, 'imagenet'))
+                                  preprocess.normalize(pixels, 'imagenet'))
 
 
 def test_batch_shapes_and_dtypes_with_jax_defaults():
-  batch = next(input_pipeline.train_batches(index_source(10, size=6), 4,
+  batch = next(batching.train_batches(index_source(10, size=6), 4,
                                             seed=0, normalization='inception'))
   assert batch['image'].shape == (1, 4, 6, 6, 3)
   assert batch['image'].dtype == np.float32
@@ -163,9 +168,9 @@ def test_batch_shapes_and_dtypes_with_jax_defaults():
 
 def test_eval_counts_every_example_once_in_order():
   source = index_source(10)
-  batches = list(input_pipeline.eval_batches(source, 4, local_device_count=2,
+  batches = list(batching.eval_batches(source, 4, local_device_count=2,
                                              process_count=1, process_index=0))
-  assert len(batches) == input_pipeline.steps_per_epoch(10, 4) == 3
+  assert len(batches) == batching.steps_per_epoch(10, 4) == 3
   assert batches[0]['label'].shape == (2, 2)
   masks = np.concatenate([b['mask'].reshape(-1) for b in batches])
   labels = np.concatenate([b['label'].reshape(-1) for b in batches])
@@ -180,7 +185,7 @@ def test_hosts_slices_make_up_the_global_batch(stream):
   def batches(**kwargs):
     if stream == 'train':
       return train(source, batch=8, steps=5, seed=3, **kwargs)
-    return list(input_pipeline.eval_batches(source, 8, **kwargs))
+    return list(batching.eval_batches(source, 8, **kwargs))
 
   def flat(batch):
     return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
@@ -197,18 +202,18 @@ def test_hosts_slices_make_up_the_global_batch(stream):
 
 def test_batch_must_split_over_hosts_and_devices():
   with pytest.raises(ValueError, match='Global batch 6 .* 2 processes x 2'):
-    input_pipeline.train_batches(index_source(10), 6, seed=0, process_count=2,
+    batching.train_batches(index_source(10), 6, seed=0, process_count=2,
                                  process_index=0, local_device_count=2)
 
 
 def test_bad_seed():
   with pytest.raises(ValueError, match='seed=-1'):
-    input_pipeline.train_batches(index_source(10), 4, seed=-1)
+    batching.train_batches(index_source(10), 4, seed=-1)
 
 
 def test_abandoned_stream_stops_its_thread():
   before = threading.active_count()
-  stream = input_pipeline.train_batches(index_source(10), 2, seed=0,
+  stream = batching.train_batches(index_source(10), 2, seed=0,
                                         local_device_count=1)
   assert len(list(itertools.islice(stream, 3))) == 3
   stream.close()
@@ -231,21 +236,21 @@ def test_abandoned_stream_stops_its_thread():
     ({'val_split': 'validation'}, 'data.val_split'),
 ])
 def test_validate_data_config_names_the_field(overrides, field):
-  config = input_pipeline.default_data_config(**overrides)
-  with pytest.raises(input_pipeline.DataConfigError, match=field):
-    input_pipeline.validate_data_config(config)
+  config = data_config.default_data_config(**overrides)
+  with pytest.raises(errors.DataConfigError, match=field):
+    data_config.validate_data_config(config)
 
 
 def test_validate_data_config_accepts_good_configs():
-  input_pipeline.validate_data_config(input_pipeline.default_data_config())
-  input_pipeline.validate_data_config(input_pipeline.default_data_config(
+  data_config.validate_data_config(data_config.default_data_config())
+  data_config.validate_data_config(data_config.default_data_config(
       task='StanfordCars', source='folder', root='/data/cars',
       train_split='train+val', val_split=None, normalization='inception'))
-  config = input_pipeline.default_data_config()
+  config = data_config.default_data_config()
   del config['image_size']
-  with pytest.raises(input_pipeline.DataConfigError,
+  with pytest.raises(errors.DataConfigError,
                      match='data.image_size is missing'):
-    input_pipeline.validate_data_config(config)
+    data_config.validate_data_config(config)
 
 
 # TFDS, mocked.
@@ -304,12 +309,12 @@ def mock_tfds(task_name):
 def test_every_vtab_task_through_mocked_tfds(task_name, tmp_path):
   task = tasks.get_task(task_name)
   size = 64 if task_name.startswith('dsprites') else 24
-  config = input_pipeline.default_data_config(
+  config = data_config.default_data_config(
       task=task_name, root=str(tmp_path), image_size=size)
   scenes = SCENES.get(task_name)
   with mock_tfds(task_name):
     for split in tasks.VTAB_SPLITS:
-      source = input_pipeline.load_source(config, split,
+      source = data_config.load_source(config, split,
                                           in_memory=split == 'train800val200')
       assert source.num_classes == task.num_classes
       assert len(source) == (len(scenes) if scenes else NUM_MOCK_EXAMPLES)
@@ -325,21 +330,21 @@ def test_every_vtab_task_through_mocked_tfds(task_name, tmp_path):
           assert (image_ == image_[..., :1]).all()
       if task_name.startswith('dsprites'):   # Native size: no resampling.
         assert set(np.unique([i for i, _ in examples])) == {0, 255}
-    batch = next(input_pipeline.eval_batches(source, 4, local_device_count=2))
+    batch = next(batching.eval_batches(source, 4, local_device_count=2))
   assert batch['image'].shape == (2, 2, size, size, 3)
   assert batch['image'].dtype == np.float32
 
 
 def test_unknown_tfds_split(tmp_path):
-  config = input_pipeline.default_data_config(root=str(tmp_path))
-  with pytest.raises(input_pipeline.DataConfigError, match="'validation'"):
-    input_pipeline.load_source(config, 'validation')
+  config = data_config.default_data_config(root=str(tmp_path))
+  with pytest.raises(errors.DataConfigError, match="'validation'"):
+    data_config.load_source(config, 'validation')
 
 
 def test_unprepared_tfds_dataset_says_how_to_prepare(tmp_path):
-  config = input_pipeline.default_data_config(task='dtd', root=str(tmp_path))
-  with pytest.raises(input_pipeline.TfdsNotPreparedError) as error:
-    input_pipeline.load_source(config, 'test')
+  config = data_config.default_data_config(task='dtd', root=str(tmp_path))
+  with pytest.raises(sources.TfdsNotPreparedError) as error:
+    data_config.load_source(config, 'test')
   message = str(error.value)
   assert f'dtd:3.0.1 (task \'dtd\') is not prepared in data_dir {tmp_path}' in (
       message)
@@ -356,10 +361,10 @@ def test_unprepared_tfds_dataset_says_how_to_prepare(tmp_path):
                               'opencv-python-headless']),
 ])
 def test_manual_download_steps(task_name, needs, tmp_path):
-  config = input_pipeline.default_data_config(task=task_name,
+  config = data_config.default_data_config(task=task_name,
                                               root=str(tmp_path))
-  with pytest.raises(input_pipeline.TfdsNotPreparedError) as error:
-    input_pipeline.load_source(config, 'train800val200')
+  with pytest.raises(sources.TfdsNotPreparedError) as error:
+    data_config.load_source(config, 'train800val200')
   message = str(error.value)
   assert 'Manual download' in message
   assert os.path.join(tmp_path, 'downloads', 'manual') in message
@@ -370,11 +375,11 @@ def test_tfds_dataset_prepared_as_tfrecord_says_how_to_convert(tmp_path):
   builder = tfds.builder('dtd:3.*.*', data_dir=str(tmp_path))
   os.makedirs(builder.data_dir)
   builder.info.write_to_directory(builder.data_dir)   # Prepared, as tfrecord.
-  config = input_pipeline.default_data_config(task='dtd', root=str(tmp_path))
-  with pytest.raises(input_pipeline.TfdsNotPreparedError,
+  config = data_config.default_data_config(task='dtd', root=str(tmp_path))
+  with pytest.raises(sources.TfdsNotPreparedError,
                      match=f'tfds convert_format --dataset_version_dir='
                      f'{tmp_path}/dtd/3.0.1 --out_file_format=array_record'):
-    input_pipeline.load_source(config, 'test')
+    data_config.load_source(config, 'test')
 
 
 @pytest.mark.parametrize('size', [0, 1, 2])
@@ -388,7 +393,7 @@ def test_prefetched_makes_at_most_size_items_ahead(size):
       yield i
 
   taken = []
-  stream = input_pipeline.prefetched(items(), size)
+  stream = prefetcher.prefetched(items(), size)
   for item in stream:
     taken.append(item)
     threading.Event().wait(0.3)  # Time for the thread to run ahead if it could.
@@ -402,7 +407,7 @@ def test_prefetched_raises_the_iterators_error_and_stops_when_closed():
     raise OSError('unreadable image')
 
   with pytest.raises(OSError, match='unreadable image'):
-    list(input_pipeline.prefetched(failing(), 2))
-  stream = input_pipeline.prefetched((i for i in itertools.count()), 2)
+    list(prefetcher.prefetched(failing(), 2))
+  stream = prefetcher.prefetched((i for i in itertools.count()), 2)
   assert next(stream) == 0
   stream.close()  # Joins the thread: it must not wait for a free slot forever.

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from synqt_jax.weights import checkpoint
+from synqt_jax.weights import layouts
 from synqt_jax.models import resnet as models_resnet
 from synqt_jax.models import vit as models_vit
 from synqt_jax.testing import random_vit
@@ -103,8 +104,8 @@ def test_image_path_passes_no_gradient_to_the_backbone(tiny_checkpoint):
 
   assert float(loss(params, x)) != 0
   g_params, g_images = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
-  leaves = list(checkpoint.flatten(g_params).values())
-  assert len(leaves) == len(checkpoint.flatten(params))
+  leaves = list(layouts.flatten(g_params).values())
+  assert len(leaves) == len(layouts.flatten(params))
   assert all(not np.any(np.asarray(g)) for g in leaves)
   assert not np.any(np.asarray(g_images))
   # Whereas the plain classifier does pass gradients into the same parameters.
@@ -171,11 +172,11 @@ def test_small_models_build_and_run(width, depth, heads, mlp, patch, image):
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)['params']
   flat = random_vit.make(width, depth, heads, mlp, patch, image, classes=3,
                          pre_logits=False)
-  assert {k: v.shape for k, v in checkpoint.flatten(shapes).items()} == {
+  assert {k: v.shape for k, v in layouts.flatten(shapes).items()} == {
       k: v.shape for k, v in flat.items()} == checkpoint.expected_shapes(config)
   assert config.num_tokens == 1 + (image // patch) ** 2
   # ... and the model runs on such parameters.
-  params = checkpoint.nest(flat)
+  params = layouts.nest(flat)
   logits = model.apply({'params': params}, x)
   assert logits.shape == (2, 3)
   assert np.all(np.isfinite(logits))

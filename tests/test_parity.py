@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 from synqt_jax.weights import checkpoint
+from synqt_jax import errors
 from synqt_jax.models import vit as models_vit
 from synqt_jax.testing import parity
 from synqt_jax.testing import random_vit
@@ -268,14 +269,14 @@ def test_reference_parameters_follow_the_reference_initialisation():
 
 
 def test_a_file_that_does_not_name_its_backbone_needs_one():
-  with pytest.raises(checkpoint.CheckpointError, match='pass the backbone .npz'):
+  with pytest.raises(errors.CheckpointError, match='pass the backbone .npz'):
     parity.check(None, REFERENCE)
 
 
 def test_a_file_that_is_not_a_reference(tmp_path):
   path = tmp_path / 'x.npz'
   np.savez(path, images=np.zeros((1, 8, 8, 3)))
-  with pytest.raises(checkpoint.CheckpointError, match='not a reference parity file'):
+  with pytest.raises(errors.CheckpointError, match='not a reference parity file'):
     parity.load_reference(str(path))
 
 
@@ -289,7 +290,7 @@ def test_check_tree_names_what_does_not_fit():
   parity.check_tree(model, trainable, images)  # Fits.
   del trainable['synqt']['head_norm']
   trainable['head']['kernel'] = np.zeros((16, 4), np.float32)
-  with pytest.raises(checkpoint.CheckpointError) as e:
+  with pytest.raises(errors.CheckpointError) as e:
     parity.check_tree(model, trainable, images)
   assert 'synqt/head_norm/scale' in str(e.value)
   assert 'head/kernel: expected (16, 3), found (16, 4)' in str(e.value)

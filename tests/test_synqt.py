@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from synqt_jax.weights import checkpoint
+from synqt_jax.weights import layouts
 from synqt_jax.models import methods
 from synqt_jax.models import vit as models_vit
 from synqt_jax.testing import random_vit
@@ -27,7 +28,7 @@ def backbone(**kwargs):
   size = dict(width=32, depth=2, heads=2, mlp=64, patch=8, image=16, pre_logits=False)
   flat = random_vit.make(**{**size, **kwargs})
   flat = {k: v for k, v in flat.items() if not k.startswith(('head/', 'pre_logits/'))}
-  return checkpoint.vit_config(flat), {'backbone': checkpoint.nest(flat)}
+  return checkpoint.vit_config(flat), {'backbone': layouts.nest(flat)}
 
 
 def trainable_like(method, frozen, seed=0, scale=0.5):
@@ -98,7 +99,7 @@ def test_convert_transposes_linears_and_skips_unused_names():
       'synqt.out_combine.weight': n(7),
   }
   tree = reference.convert(tensors)
-  assert set(checkpoint.flatten(tree)) == {
+  assert set(layouts.flatten(tree)) == {
       'head/kernel', 'head/bias', 'synqt/head_norm/scale', 'synqt/q', 'synqt/combine/kernel'}
   np.testing.assert_array_equal(tree['head']['kernel'], tensors['head.weight'].T)
   np.testing.assert_array_equal(tree['synqt']['combine']['kernel'],
@@ -137,9 +138,9 @@ def vit_b_trainable_shapes(config):
 
 def test_init_has_the_converted_reference_tree_for_vit_b(reference_params):
   config = reference.synqt_config(reference_params)
-  ours = {k: v.shape for k, v in checkpoint.flatten(vit_b_trainable_shapes(config)).items()}
+  ours = {k: v.shape for k, v in layouts.flatten(vit_b_trainable_shapes(config)).items()}
   theirs = {k: v.shape for k, v in
-            checkpoint.flatten(reference.convert(reference_params)).items()}
+            layouts.flatten(reference.convert(reference_params)).items()}
   assert ours == theirs
   assert 'backbone' not in vit_b_trainable_shapes(config)
   assert checkpoint.count_params(reference.convert(reference_params)) == VIT_B_T4_10_CLASSES
@@ -163,7 +164,7 @@ def test_init_values(tiny):
   q = np.asarray(trainable['synqt']['q'])
   assert q.shape == (2, 4, 32) and np.all(np.abs(q) <= 1) and q.std() > 0.4  # U(-1, 1)
   assert float(trainable['synqt']['feat_scale'][0]) == pytest.approx(0.1)
-  flat = checkpoint.flatten(trainable)  # The layers' modules one by one.
+  flat = layouts.flatten(trainable)  # The layers' modules one by one.
   for i in range(2):
     block = f'synqt/qsm_block_{i}/'
     assert float(flat[block + 'attn_scale'][0]) == pytest.approx(1.0)
@@ -233,8 +234,8 @@ def test_backbone_is_not_differentiated_through_the_image_path(tiny, train_step)
   method, frozen, trainable = tiny
   x, labels = images(8, 16), np.arange(8) % 5  # The shapes train_step compiled for.
   _, (g_trainable, g_frozen) = train_step(trainable, frozen, x, labels, rngs(0))
-  g_frozen = checkpoint.flatten(g_frozen)
-  assert set(g_frozen) == set(checkpoint.flatten(frozen))
+  g_frozen = layouts.flatten(g_frozen)
+  assert set(g_frozen) == set(layouts.flatten(frozen))
   image_path_only = [k for k in g_frozen if IMAGE_PATH_ONLY.match(k)]
   assert len(image_path_only) == 4 + 2 + 4 * 2  # embedding 2, cls, pos, norm 2, K/V 4 x 2
   for k in image_path_only:
@@ -286,7 +287,7 @@ def per_image_growth(make_args, fn):
 
 def test_train_step_memory_grows_by_the_kv_not_the_vit_activations():
   flat = random_vit.make(**MEM, classes=10, pre_logits=False)
-  full_vit, params = checkpoint.vit_config(flat), checkpoint.nest(flat)
+  full_vit, params = checkpoint.vit_config(flat), layouts.nest(flat)
   vit = dataclasses.replace(full_vit, num_classes=None)
   frozen = {'backbone': {k: v for k, v in params.items() if k != 'head'}}
   # Dropout and stochastic depth off: they add per-sample masks, not activations.
@@ -338,7 +339,7 @@ def test_train_step_memory_grows_by_the_kv_not_the_vit_activations():
 
 def test_bfloat16_kv_halve_what_the_step_keeps_and_move_gradients_by_their_rounding():
   flat = random_vit.make(**MEM, classes=10, pre_logits=False, seed=3)
-  params = checkpoint.nest(flat)
+  params = layouts.nest(flat)
   vit = dataclasses.replace(checkpoint.vit_config(flat), num_classes=None)
   frozen = {'backbone': {k: v for k, v in params.items() if k != 'head'}}
   L, N, D = vit.num_layers, vit.num_tokens, vit.hidden_size
@@ -383,7 +384,7 @@ def test_bfloat16_cached_kv_come_as_bits_and_cost_no_float32_copy():
   the same logits as the bfloat16 values, and no more temporaries than float32
   K/V (XLA:CPU turns a bfloat16 batch into one float32 copy before the scan)."""
   flat = random_vit.make(**MEM, classes=10, pre_logits=False)
-  params = checkpoint.nest(flat)
+  params = layouts.nest(flat)
   vit = dataclasses.replace(checkpoint.vit_config(flat), num_classes=None)
   frozen = {'backbone': {k: v for k, v in params.items() if k != 'head'}}
   method = methods.SynQT(vit, synqt.SynQTConfig(num_classes=10, dropout=0.0,
@@ -415,7 +416,7 @@ def test_the_image_path_in_pieces_gives_the_same_step_in_less_memory():
   K/V shrinks to one piece's attention weights and MLP activations."""
   flat = random_vit.make(**MEM, classes=10, pre_logits=False, seed=5)
   flat = {k: v for k, v in flat.items() if not k.startswith('head/')}
-  vit, frozen = checkpoint.vit_config(flat), {'backbone': checkpoint.nest(flat)}
+  vit, frozen = checkpoint.vit_config(flat), {'backbone': layouts.nest(flat)}
   whole, pieces = (methods.SynQT(vit, synqt.SynQTConfig(
       num_classes=10, drop_path=0.3, image_path_batch=n)) for n in (16, 1))
   trainable = trainable_like(whole, frozen, scale=0.1)

@@ -17,10 +17,10 @@ import numpy as np
 import optax
 import pytest
 
+from synqt_jax.data import batching
 from synqt_jax import demo
 from synqt_jax.weights import export
 from synqt_jax.training import host_memory
-from synqt_jax.data import input_pipeline
 from synqt_jax.models import methods
 from synqt_jax import predict
 from synqt_jax.training import train
@@ -61,7 +61,7 @@ def vtab_optim(**overrides):
 
 def test_learning_rate_schedule_matches_the_reference_formula():
   optim = vtab_optim()
-  steps_per_epoch = input_pipeline.steps_per_epoch(1000, 64)
+  steps_per_epoch = batching.steps_per_epoch(1000, 64)
   schedule = optimizer.learning_rate_schedule(optim, steps_per_epoch)
   steps = [0, 1, 7, 16, 100, 159, 160, 161, 333, 500, 799]
   ours = [float(schedule(step)) for step in steps]

@@ -14,7 +14,7 @@ import glob
 import os
 import sys
 
-from synqt_jax.weights import checkpoint
+from synqt_jax import errors
 from synqt_jax.testing import parity
 
 CASES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -61,7 +61,7 @@ def main(argv=None):
   for path in paths:
     try:
       passed.append(show(path, parity.check(a.backbone, path)))
-    except checkpoint.CheckpointError as e:
+    except errors.CheckpointError as e:
       sys.exit(f'{path}: {e}')
   print(f'{sum(passed)} of {len(paths)} reference files pass.')
   sys.exit(0 if all(passed) else 1)

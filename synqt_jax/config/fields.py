@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import ml_collections
 
-# The data config (`config.data`, input_pipeline.py): the reference's defaults.
+# The data config (`config.data`, data_config.py): the reference's defaults.
 DATA_DEFAULTS = dict(source='tfds', task='cifar100', root=None, num_classes=None,
                      image_size=224,
                      normalization='imagenet', train_split='train800val200',

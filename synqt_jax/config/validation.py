@@ -5,13 +5,15 @@ section is checked by the fields it declares in methods.REGISTRY.
 """
 import functools
 
-from synqt_jax.weights import checkpoint
+from synqt_jax.data import augment
 from synqt_jax.config import fields as config_fields
+from synqt_jax.data import data_config
 from synqt_jax import errors
 from synqt_jax.training import feature_cache
 from synqt_jax.training import optimizer
-from synqt_jax.data import input_pipeline
 from synqt_jax.models import methods
+from synqt_jax.models import vit as models_vit
+from synqt_jax.weights import position_embedding
 
 FEATURE_CACHES = ('none',) + feature_cache.MODES
 
@@ -56,9 +58,9 @@ def validate(config) -> None:
          lambda x: x is None or isinstance(x, str) and x,
          'a directory, or None for the default cache')
   _check(config, 'backbone.posemb_resize',
-         lambda x: x is None or x in checkpoint.POSEMB_RESIZE,
-         f'None (the file\'s choice) or one of {checkpoint.POSEMB_RESIZE}')
-  input_pipeline.validate_data_config(_get(config, 'data'))
+         lambda x: x is None or x in position_embedding.POSEMB_RESIZE,
+         f'None (the file\'s choice) or one of {position_embedding.POSEMB_RESIZE}')
+  data_config.validate_data_config(_get(config, 'data'))
   # The method's own section, checked by the fields it declares.
   if registered.fields:
     _check_fields(config, method, registered.fields)
@@ -94,8 +96,8 @@ def validate(config) -> None:
   _check(config, 'train.feature_cache', lambda x: x in FEATURE_CACHES,
          f'one of {FEATURE_CACHES}')
   _check(config, 'train.cache_dtype',
-         lambda x: x in feature_cache.STORAGE_DTYPES,
-         f'one of {tuple(feature_cache.STORAGE_DTYPES)}')
+         lambda x: x in models_vit.DTYPES,
+         f'one of {tuple(models_vit.DTYPES)}')
   _check(config, 'train.deferred_eval', lambda x: isinstance(x, bool),
          'True or False')
   _check(config, 'train.feature_cache',
@@ -104,9 +106,8 @@ def validate(config) -> None:
          f'{methods.CACHE_METHODS} only)')
   # A cache holds one fixed view per image; augmentation draws new ones.
   _check(config, 'train.feature_cache',
-         lambda x: x == 'none' or
-         config.data.get('augmentation', 'none') == 'none',
-         f"'none' with data.augmentation={config.data.get('augmentation')!r} "
+         lambda x: x == 'none' or augment.augmentation(config.data) == 'none',
+         f"'none' with data.augmentation={augment.augmentation(config.data)!r} "
          '(the cache holds one fixed view of each image; augmentation draws a '
          "new crop every step), or set data.augmentation='none'")
   if registered.check is not None:  # The method's own cross-field checks.
@@ -119,10 +120,10 @@ def validate(config) -> None:
                'checkpoint_every_steps', 'keep_checkpoints'):
     _check(config, name, positive_int, 'a positive int')
   _check(config, 'seed', lambda x: is_int(x) and x >= 0, 'an int >= 0')
-  _check(config, 'dtype', lambda x: x in methods.DTYPES,
-         f'one of {tuple(methods.DTYPES)}')
-  _check(config, 'backbone_dtype', lambda x: x in methods.DTYPES,
-         f'one of {tuple(methods.DTYPES)}')
+  _check(config, 'dtype', lambda x: x in models_vit.DTYPES,
+         f'one of {tuple(models_vit.DTYPES)}')
+  _check(config, 'backbone_dtype', lambda x: x in models_vit.DTYPES,
+         f'one of {tuple(models_vit.DTYPES)}')
   _check(config, 'backbone_dtype',
          lambda x: x == 'float32' or not registered.trains_backbone,
          f"'float32' with method={method!r} (it trains the backbone: its "

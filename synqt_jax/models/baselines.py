@@ -120,7 +120,7 @@ def merge_lora(backbone, lora, scale):
 
   `lora` is `{'encoderblock_i': {'query': {'a': (D, r), 'b': (r, H, D/H)}, ...}}`;
   `a @ b` is (D, H, D/H), the checkpoint's query/key/value kernel layout. The
-  backbone holds the blocks stacked (`checkpoint.nest`), so the updates are
+  backbone holds the blocks stacked (`layouts.nest`), so the updates are
   stacked too (a copy of the small `a`, `b` only).
   """
   blocks = backbone['Transformer']['encoderblock']

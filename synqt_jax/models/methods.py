@@ -32,8 +32,9 @@ import jax.numpy as jnp
 from synqt_jax.models import baselines
 from synqt_jax.weights import checkpoint
 from synqt_jax.config import fields as config_fields
+from synqt_jax.data import data_config
+from synqt_jax.weights import layouts
 from synqt_jax.models import recompute
-from synqt_jax.data import input_pipeline
 from synqt_jax.models import vit as models_vit
 from synqt_jax.models import synqt
 
@@ -55,8 +56,8 @@ class SynQT:
     # initialisers took 35 s and 0.8 GB (ViT-B/16 on a CPU); eagerly 9 s.
     trainable = self.model.init(rng, method=synqt.SynQTModel.init_trainable)['params']
     # Each layer's modules are created (and drawn) one by one, then stacked
-    # for the scan over the layers (`checkpoint.nest`).
-    trainable = checkpoint.nest(checkpoint.flatten(trainable))
+    # for the scan over the layers (`layouts.nest`).
+    trainable = layouts.nest(layouts.flatten(trainable))
     encoder_norm = frozen['backbone']['Transformer']['encoder_norm']
     trainable['synqt'] = {**trainable['synqt'], 'head_norm': jax.tree.map(
         lambda x: x.astype(jnp.float32), dict(encoder_norm))}  # Trainable: float32.
@@ -190,8 +191,8 @@ REGISTRY = {
             # keep_kv's K/V as computed ('float32') or rounded to 'bfloat16'
             # (half of what the backward pass keeps; gradients within ~1e-2).
             config_fields.Field('kv_dtype', 'float32',
-                                lambda x: x in synqt.KV_DTYPES,
-                                f'one of {tuple(synqt.KV_DTYPES)}'),
+                                lambda x: x in models_vit.DTYPES,
+                                f'one of {tuple(models_vit.DTYPES)}'),
             # Images the frozen image path runs at once (0: automatic, one
             # on a CPU, the whole batch on a GPU/TPU; same numbers).
             config_fields.Field('image_path_batch', 0,
@@ -211,9 +212,6 @@ REGISTRY = {
 METHODS = tuple(REGISTRY)
 # Those that train from a feature cache and score by deferred evaluation.
 CACHE_METHODS = tuple(name for name, entry in REGISTRY.items() if entry.reads_cached_kv)
-# Activations (config.dtype) and the frozen backbone's storage
-# (config.backbone_dtype): bfloat16 halves their memory.
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def registered(name) -> Registered:
@@ -237,7 +235,7 @@ def create(name, vit: models_vit.ViTConfig, num_classes, config):
 def from_config(config, vit: models_vit.ViTConfig):
   """The method `config.method` names, for the task `config.data.task`."""
   return create(config.method, vit,
-                input_pipeline.num_classes(config.data), config)
+                data_config.num_classes(config.data), config)
 
 
 def create_method(config):
@@ -248,6 +246,6 @@ def create_method(config):
       collection=config.backbone.collection,
       cache_dir=config.backbone.cache_dir, headless=True,
       posemb_resize=config.backbone.get('posemb_resize'),
-      storage_dtype=DTYPES[config.get('backbone_dtype', 'float32')],
-      dtype=DTYPES[config.dtype])
+      storage_dtype=models_vit.DTYPES[config.get('backbone_dtype', 'float32')],
+      dtype=models_vit.DTYPES[config.dtype])
   return from_config(config, vit), {'backbone': backbone}

@@ -22,9 +22,6 @@ from synqt_jax.models import vit as models_vit
 # Every LayerNorm of the SynQT module uses PyTorch's default epsilon.
 SYNQT_LN_EPS = 1e-5
 IMAGE_PATH_MEMORY = ('keep_kv', 'recompute')
-# How keep_kv holds the K/V between the image path and the query path:
-# as computed, or rounded to bfloat16 (half the memory the backward pass keeps).
-KV_DTYPES = {'float32': None, 'bfloat16': jnp.bfloat16}
 # Images the image path runs at once on a CPU (SynQTConfig.image_path_batch).
 CPU_IMAGE_PATH_BATCH = 1
 
@@ -61,7 +58,10 @@ class SynQTConfig:
   # at most an eighth of the batch at a time in the backward pass ('recompute',
   # see image_path_memory.py: ~1/6 of the memory, twice the image-path compute).
   image_path_memory: str = 'keep_kv'
-  # The K/V's storage (KV_DTYPES); the query path computes in the ViT's dtype.
+  # How keep_kv holds the K/V between the image path and the query path
+  # (models_vit.DTYPES): 'float32' as computed, or rounded to 'bfloat16' (half
+  # the memory the backward pass keeps); the query path computes in the ViT's
+  # dtype.
   kv_dtype: str = 'float32'
   # How many images the image path runs at once (0: CPU_IMAGE_PATH_BATCH on a
   # CPU, the whole batch elsewhere); see `image_path_images`.
@@ -88,9 +88,9 @@ class SynQTConfig:
     if not (isinstance(self.image_path_batch, int) and self.image_path_batch >= 0):
       raise ValueError(f'image_path_batch={self.image_path_batch!r}; expected '
                        'an int >= 0 (0: automatic).')
-    if self.kv_dtype not in KV_DTYPES:
+    if self.kv_dtype not in models_vit.DTYPES:
       raise ValueError(f'kv_dtype={self.kv_dtype!r}; expected one of '
-                       f'{tuple(KV_DTYPES)}.')
+                       f'{tuple(models_vit.DTYPES)}.')
 
 
 def torch_linear_init(fan_in):
@@ -187,7 +187,7 @@ class QuerySynthesis(nn.Module):
 
   Layer i's modules are created under the reference's names (`prompt_ffn_3`,
   `qsm_block_3`, `init_layers`) and held stacked (`prompt_ffn`, `qsm_block`:
-  `checkpoint.nest`), which the query path scans over.
+  `layouts.nest`), which the query path scans over.
   """
   config: SynQTConfig
   num_layers: int
@@ -295,9 +295,10 @@ class SynQTModel(nn.Module):
     `kv_bits` (bfloat16 storage: uint16)."""
     rate = self._image_drop_rate(train)
     rng = self.make_rng('drop_path') if rate > 0 else None
-    dtype = KV_DTYPES[self.config.kv_dtype]
+    dtype = models_vit.DTYPES[self.config.kv_dtype]
+    as_computed = dtype == jnp.float32  # In the ViT's dtype, never widened.
     return self.backbone.image_path(
-        images, rate, rng, None if dtype is None else lambda kv: kv_bits(kv.astype(dtype)),
+        images, rate, rng, None if as_computed else lambda kv: kv_bits(kv.astype(dtype)),
         self.config.image_path_images())
 
   def _split(self, kv, i, layer_axis):

@@ -4,7 +4,7 @@ Every submodule is named after the checkpoint key it owns (`embedding`, `cls`,
 `Transformer/encoderblock_3/MultiHeadDotProductAttention_1/query`, ...), so loading
 a checkpoint is: read the file, split the keys on '/', `apply`; only the L blocks
 are held stacked on a leading axis (`Transformer/encoderblock/...`, big_vision's
-`scan` layout: `checkpoint.nest` stacks them), so that one block is compiled and
+`scan` layout: `layouts.nest` stacks them), so that one block is compiled and
 run in a scan, not L unrolled copies. The blocks expose the pieces SynQT's query
 path needs (`image_kv`, `attend`, `mlp`), so the frozen image path and the
 trainable query path share one set of weights.
@@ -28,6 +28,10 @@ from synqt_jax.models import resnet as models_resnet
 BACKBONE_LN_EPS = 1e-6
 # What the pre-trained classifier reads: the class token, or the mean of all tokens.
 CLASSIFIERS = ('token', 'gap')
+# The dtypes a config names, by name: activations (`dtype`), the frozen
+# backbone's storage (`backbone_dtype`), SynQT's K/V (`synqt.kv_dtype`) and a
+# feature cache's rows (`train.cache_dtype`); bfloat16 halves their memory.
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,6 +33,8 @@ import numpy as np
 import optax
 
 from synqt_jax.weights import checkpoint
+from synqt_jax import errors
+from synqt_jax.weights import layouts
 from synqt_jax.testing import random_vit
 from synqt_jax.testing import reference
 from synqt_jax.models import synqt
@@ -90,7 +92,7 @@ def load_reference(path):
     params = random_vit.reference_parameters(init['shapes'], init['seed'], init['scales'])
   grads = {k[len('grad:'):]: v for k, v in flat.items() if k.startswith('grad:')}
   if any(k not in flat for k in need) or not params or not grads:
-    raise checkpoint.CheckpointError(
+    raise errors.CheckpointError(
         f'{path!r} is not a reference parity file: it needs {need}, grad:<name> '
         f'arrays and param:<name> arrays or param_init (see docs/parity.md).')
   return flat, params, grads
@@ -116,7 +118,7 @@ def loss_and_grads(vit, config, trainable, backbone, images, labels, dtype):
   (loss, logits), grads = _loss_and_grads_fn(vit, config, dtype)(
       cast(trainable), cast(backbone), cast(images), labels)
   return float(loss), np.asarray(logits, np.float64), {
-      k: np.asarray(v, np.float64) for k, v in checkpoint.flatten(grads).items()}
+      k: np.asarray(v, np.float64) for k, v in layouts.flatten(grads).items()}
 
 
 def load_backbone(backbone_path, arrays, image_size, reference_path):
@@ -124,7 +126,7 @@ def load_backbone(backbone_path, arrays, image_size, reference_path):
   if backbone_path:
     return checkpoint.load(backbone_path, image_size=image_size, headless=True)
   if 'backbone' not in arrays:
-    raise checkpoint.CheckpointError(
+    raise errors.CheckpointError(
         f'{reference_path!r} does not name its backbone: pass the backbone .npz it '
         f'was computed on (for official_synqt_t4.npz: python -m synqt_jax.testing.random_vit '
         f'vit.npz).')
@@ -160,17 +162,17 @@ def check(backbone_path, reference_path) -> ParityReport:
     triples[name] = (layout(ours[key]), ref, layout(exact[key]))
   distance = lambda x, y: float(np.max(np.abs(x - y)))
   floor = max(distance(mine, true) for mine, _, true in triples.values())
-  errors, diffs = {}, {}
+  grad_errors, diffs = {}, {}
   for name, (mine, ref, true) in triples.items():
     scale = max(np.max(np.abs(true)), floor)
-    errors[name] = (distance(mine, true) / scale, distance(ref, true) / scale)
+    grad_errors[name] = (distance(mine, true) / scale, distance(ref, true) / scale)
     diffs[name] = distance(mine, ref) / scale
   return ParityReport(
       logit_diff=distance(logits, arrays['logits']),
       logit_errors=(distance(logits, exact_logits),
                     distance(arrays['logits'], exact_logits)),
       loss=loss, reference_loss=float(arrays.get('loss', np.nan)),
-      grad_diffs=diffs, grad_errors=errors, roundoff_floor=floor,
+      grad_diffs=diffs, grad_errors=grad_errors, roundoff_floor=floor,
       n_trainable=checkpoint.count_params(trainable),
       reference_n_trainable=int(arrays.get('n_trainable', -1)),
       unused=reference.unused_count(params))
@@ -180,13 +182,13 @@ def check_tree(model, trainable, images):
   """Raises if the converted parameters do not fit the model key for key."""
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), images[:1])['params']
   shapes.pop('backbone')
-  want = {k: v.shape for k, v in checkpoint.flatten(shapes).items()}
-  have = {k: v.shape for k, v in checkpoint.flatten(trainable).items()}
+  want = {k: v.shape for k, v in layouts.flatten(shapes).items()}
+  have = {k: v.shape for k, v in layouts.flatten(trainable).items()}
   if want != have:
     missing = sorted(set(want) - set(have))
     extra = sorted(set(have) - set(want))
     wrong = [f'{k}: expected {want[k]}, found {have[k]}'
              for k in sorted(set(want) & set(have)) if want[k] != have[k]]
-    raise checkpoint.CheckpointError(
+    raise errors.CheckpointError(
         'Reference parameters do not fit the model. '
         f'Missing: {missing}. Unexpected: {extra}. Shapes: {wrong}.')

@@ -12,7 +12,7 @@ from typing import Mapping
 
 import numpy as np
 
-from synqt_jax.weights import checkpoint
+from synqt_jax.weights import layouts
 from synqt_jax.models import synqt
 
 UNUSED = re.compile(r'^synqt\.(pre_norm\.\d+\.(weight|bias)|out_combine\.weight)$')
@@ -51,7 +51,7 @@ def convert(tensors: Mapping[str, np.ndarray]):
     value = np.asarray(value, np.float32)
     path = tree_path(name, value.ndim)
     flat['/'.join(path)] = value.T if path[-1] == 'kernel' else value
-  return checkpoint.nest(flat)  # Per-layer modules stacked, as `init` holds them.
+  return layouts.nest(flat)  # Per-layer modules stacked, as `init` holds them.
 
 
 def synqt_config(tensors: Mapping[str, np.ndarray], **overrides):

@@ -14,7 +14,8 @@ from typing import Any, Sequence
 
 import jax
 
-from synqt_jax.data import input_pipeline
+from synqt_jax.data import batching
+from synqt_jax.data import sources
 from synqt_jax.training import devices
 from synqt_jax.training import steps
 
@@ -31,7 +32,7 @@ class Scores:
 
 
 def evaluate(method, frozen, parameter_sets: Sequence[Any],
-             source: input_pipeline.Source, global_batch: int, *,
+             source: sources.Source, global_batch: int, *,
              normalization: str, num_threads: int | None = None) -> Scores:
   """Scores every trainable tree in `parameter_sets` on all of `source`.
 
@@ -52,7 +53,7 @@ def evaluate(method, frozen, parameter_sets: Sequence[Any],
 
 
 def evaluate_each(scored: Sequence[tuple[Any, Any]], frozen,
-                  source: input_pipeline.Source, global_batch: int, *,
+                  source: sources.Source, global_batch: int, *,
                   normalization: str, num_threads: int | None = None) -> Scores:
   """`evaluate` of (method, trainable tree) pairs: methods on one backbone.
 
@@ -63,7 +64,7 @@ def evaluate_each(scored: Sequence[tuple[Any, Any]], frozen,
   image_kv = _pmapped(scored[0][0])[0]
   replicated = [(_pmapped(m)[1], devices.replicate(p)) for m, p in scored]
   counts = []
-  for batch in input_pipeline.eval_batches(source, global_batch,
+  for batch in batching.eval_batches(source, global_batch,
                                            normalization=normalization,
                                            num_threads=num_threads):
     kv = image_kv(frozen, batch['image'])

@@ -16,7 +16,7 @@ from absl import logging
 import jax
 import numpy as np
 
-from synqt_jax.data import input_pipeline
+from synqt_jax.data import batching
 from synqt_jax.training import cadence
 from synqt_jax.training import deferred_eval
 from synqt_jax.training import devices
@@ -100,7 +100,7 @@ class ImmediateEvaluator(Evaluator):
   def _accuracy(self, p_params, source):
     """Accuracy on `source` (every example once; all hosts get the same)."""
     correct = count = 0
-    for batch in input_pipeline.eval_batches(
+    for batch in batching.eval_batches(
         source, self._config.eval_batch_size,
         normalization=self._config.data.normalization):
       counts = devices.unreplicate(

@@ -4,7 +4,7 @@ SynQT's image path holds no trainable value. With no augmentation (the VTAB-1k
 recipe) and no stochastic depth on the image path, an image's per-block keys
 and values are the same every epoch, so `build` computes them once (batched,
 pmapped over the local devices, with a progress bar) and `FeatureCache.batches`
-serves exactly the batches `input_pipeline.train_batches` would -- same order,
+serves exactly the batches `batching.train_batches` would -- same order,
 same padding and mask, same [local_devices, per_device, ...] layout -- with
 'kv' (B, L, 2, N, H, D/H) in place of 'image'. A training step then runs only
 the query path (`methods.SynQT.apply_kv`). The linear probe caches its pooled
@@ -22,8 +22,8 @@ Where the K/V live (`mode`):
     batch.
 
 With a `directory`, the cache is kept there and reused by later runs in any
-mode while its fingerprint matches (see `fingerprint`); a mismatch or an
-interrupted build rebuilds it and logs why.
+mode while its fingerprint matches (see `fingerprint`, feature_cache_files.py);
+a mismatch or an interrupted build rebuilds it and logs why.
 
 Rows: row i < n holds example i; row n holds the K/V of the all-zero image that
 `train_batches` puts in padding rows (mask 0). `train_indices` marks padding
@@ -31,15 +31,10 @@ with -1, and index -1 reads row n, so cached batches equal online ones row for
 row, padding included.
 """
 import abc
-import concurrent.futures
 import dataclasses
-import errno
 import functools
-import hashlib
 import itertools
-import json
 import math
-import os
 from typing import Any, Iterator
 
 from absl import logging
@@ -48,16 +43,17 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from synqt_jax.data import batching
 from synqt_jax.weights import checkpoint
+from synqt_jax.training import feature_cache_files
 from synqt_jax.training import host_memory
-from synqt_jax.data import input_pipeline
+from synqt_jax.weights import layouts
+from synqt_jax.data import prefetcher
+from synqt_jax.data import sources
 from synqt_jax.models import synqt
+from synqt_jax.models import vit as models_vit
 
-FORMAT_VERSION = 2  # 2: checksums of the rows and labels.
-CHUNK_BYTES = 1 << 26  # Checksummed chunks of rows: ~64 MB each.
 MODES = ('host', 'disk', 'device')
-STORAGE_DTYPES = {'float32': np.dtype(np.float32),
-                  'bfloat16': np.dtype(jnp.bfloat16)}
 AXIS = 'feature_cache'  # The pmapped axis of building and gathering.
 DEVICE_COPY_ROWS = 64  # Rows a device cache copies from host to device at a time.
 BUILD_BYTES_PER_DEVICE = 1 << 27  # One build step's K/V per device (`build_batch_size`).
@@ -72,7 +68,7 @@ def backbone_digest(frozen) -> str:
   covers what loading changes (the position embedding resized to the data's
   image size).
   """
-  return checkpoint.digest(checkpoint.flatten(jax.device_get(frozen['backbone'])))
+  return checkpoint.digest(layouts.flatten(jax.device_get(frozen['backbone'])))
 
 
 def fingerprint(*, backbone_digest: str, vit, data_config, split: str
@@ -81,7 +77,7 @@ def fingerprint(*, backbone_digest: str, vit, data_config, split: str
 
   `build` adds the storage dtype, the number of examples and the format
   version. Args: the `backbone_digest` of the frozen backbone, its ViTConfig,
-  the data config (`input_pipeline.default_data_config`) and the cached split.
+  the data config (`data_config.default_data_config`) and the cached split.
   """
   fields = {'backbone_digest': backbone_digest, 'split': split}
   for name in ('source', 'task', 'root', 'image_size', 'normalization'):
@@ -95,7 +91,7 @@ def fingerprint(*, backbone_digest: str, vit, data_config, split: str
   return fields
 
 
-def build(method, frozen, source: input_pipeline.Source, *, normalization: str,
+def build(method, frozen, source: sources.Source, *, normalization: str,
           mode: str = 'host', storage_dtype: str = 'float32',
           batch_size: int = 64, directory: str | None = None,
           name: str = 'train', fingerprint: dict[str, Any] | None = None
@@ -119,15 +115,15 @@ def build(method, frozen, source: input_pipeline.Source, *, normalization: str,
   """
   if mode not in MODES:
     raise ValueError(f'mode={mode!r}; expected one of {MODES}.')
-  if storage_dtype not in STORAGE_DTYPES:
+  if storage_dtype not in models_vit.DTYPES:
     raise ValueError(f'storage_dtype={storage_dtype!r}; expected one of '
-                     f'{tuple(STORAGE_DTYPES)}.')
+                     f'{tuple(models_vit.DTYPES)}.')
   if mode == 'disk' and directory is None:
     raise ValueError("mode='disk' needs a directory for the cache file.")
   if directory is not None and fingerprint is None:
     raise ValueError('A cache kept in a directory needs a fingerprint.')
   shape = (len(source) + 1,) + method.cache_row_shape
-  dtype = STORAGE_DTYPES[storage_dtype]
+  dtype = np.dtype(models_vit.DTYPES[storage_dtype])
   batch_size = build_batch_size(batch_size, math.prod(shape[1:]) * 4,  # As computed.
                                 jax.local_device_count())
   fill = functools.partial(_write_rows, method, frozen, source, normalization,
@@ -138,9 +134,10 @@ def build(method, frozen, source: input_pipeline.Source, *, normalization: str,
     provenance = 'built in memory'
   else:
     record = dict(fingerprint, storage_dtype=storage_dtype,
-                  num_examples=len(source), format_version=FORMAT_VERSION)
-    kv, labels, provenance = _disk_cache(_Files(directory, name), record,
-                                         shape, dtype, fill)
+                  num_examples=len(source),
+                  format_version=feature_cache_files.FORMAT_VERSION)
+    kv, labels, provenance = feature_cache_files.reused_or_built(
+        feature_cache_files.Files(directory, name), record, shape, dtype, fill)
   logging.info('Feature cache of %s (%s, %s, %.2f GB): %s.', source.name, mode,
                storage_dtype, kv.nbytes / 1e9, provenance)
   if mode == 'device':
@@ -151,16 +148,16 @@ def build(method, frozen, source: input_pipeline.Source, *, normalization: str,
 
 
 def batch_spec(global_batch: int, row_shape: tuple[int, ...], storage_dtype: str):
-  """`input_pipeline.train_batch_spec` of `FeatureCache.batches`: 'kv' for 'image'."""
-  return input_pipeline.train_batch_spec(
+  """`batching.train_batch_spec` of `FeatureCache.batches`: 'kv' for 'image'."""
+  return batching.train_batch_spec(
       global_batch, image_size=None,
-      inputs=('kv', row_shape, _as_bits(np.zeros((), STORAGE_DTYPES[storage_dtype])).dtype))
+      inputs=('kv', row_shape, _as_bits(np.zeros((), models_vit.DTYPES[storage_dtype])).dtype))
 
 
 def _as_bits(rows: np.ndarray) -> np.ndarray:
   """Host rows as a step reads them: bfloat16 as a view of its uint16 bits
   (`synqt.kv_bits`: else XLA:CPU makes a float32 copy of the whole batch)."""
-  return rows.view(np.uint16) if rows.dtype == STORAGE_DTYPES['bfloat16'] else rows
+  return rows.view(np.uint16) if rows.dtype == jnp.bfloat16 else rows
 
 
 def build_batch_size(batch_size, row_bytes, devices):
@@ -193,7 +190,7 @@ class FeatureCache(abc.ABC):
               process_count: int | None = None,
               local_device_count: int | None = None,
               prefetch: int = 0) -> Iterator[dict[str, Any]]:
-    """`input_pipeline.train_batches` of the cached split, with 'kv' for 'image'.
+    """`batching.train_batches` of the cached split, with 'kv' for 'image'.
 
     Same arguments and batches: {'kv': [D, b, L, 2, N, H, D/H] in the storage
     dtype (bfloat16 as its uint16 bits, `synqt.kv_bits`), 'label': int32
@@ -206,16 +203,16 @@ class FeatureCache(abc.ABC):
     the step before runs, so with `train.run`'s one step in flight at most
     two exist.
     """
-    layout = input_pipeline.HostLayout.of(global_batch, process_index,
-                                          process_count, local_device_count)
+    layout = batching.HostLayout.of(global_batch, process_index,
+                                    process_count, local_device_count)
     steps = (itertools.count(start_step) if num_steps is None
              else range(start_step, start_step + num_steps))
     last = None if num_steps is None else start_step + num_steps - 1
 
     def host_batches(cache):
       for step in steps:
-        indices = input_pipeline.train_indices(cache.num_examples, global_batch,
-                                               seed, step)
+        indices = batching.train_indices(cache.num_examples, global_batch,
+                                         seed, step)
         rows = indices[layout.host_rows]
         batch = {'kv': cache._kv(indices, rows, layout),  # pylint: disable=protected-access
                  **layout.per_device({'label': cache.labels[rows],
@@ -226,7 +223,7 @@ class FeatureCache(abc.ABC):
           del cache
         yield batch
 
-    return input_pipeline.prefetched(host_batches(self), prefetch)
+    return prefetcher.prefetched(host_batches(self), prefetch)
 
   @abc.abstractmethod
   def _kv(self, indices, rows, layout):
@@ -315,7 +312,7 @@ def _gather_rows(shard, indices, padding_row):
   return synqt.kv_bits(jax.lax.psum_scatter(rows, AXIS, scatter_dimension=0, tiled=True))
 
 
-class _WithPaddingImage(input_pipeline.Source):
+class _WithPaddingImage(sources.Source):
   """`source` plus one last example: the all-zero image, label 0 (padding)."""
 
   def __init__(self, source):
@@ -341,7 +338,7 @@ def _write_rows(method, frozen, source, normalization, batch_size, out):
   examples = _WithPaddingImage(source)
   image_kv = _pmapped_image_kv(method, np.dtype(out.dtype).name)
   labels = np.zeros(len(examples), np.int32)
-  batches = input_pipeline.eval_batches(
+  batches = batching.eval_batches(
       examples, batch_size, normalization=normalization, process_index=0,
       process_count=1)
   with tqdm.tqdm(total=len(examples), unit='images',
@@ -367,128 +364,3 @@ def _write_rows(method, frozen, source, normalization, batch_size, out):
 def _pmapped_image_kv(method, dtype_name):
   return jax.pmap(lambda frozen, images: method.image_kv(frozen, images)
                   .astype(dtype_name), axis_name=AXIS)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Files:
-  """A disk cache: K/V rows (.kv.npy), labels (.labels.npy), record (.json)."""
-  directory: str
-  name: str
-
-  def path(self, suffix):
-    return os.path.join(self.directory, self.name + suffix)
-
-
-def _disk_cache(files, record, shape, dtype, fill):
-  """(kv memmap, labels, provenance): the cache in `files` if `record` matches.
-
-  Otherwise (re)builds it: the record is removed first and written last, and
-  the rows go to a '.partial' file renamed into place, so an interrupted build
-  is never taken for a complete one. The record holds a sha256 of the labels
-  and of every chunk of rows, checked on reuse: files changed or cut short
-  since they were written are rebuilt.
-  """
-  digest = _sha256(record)
-  reason, reused = _reusable(files, record, digest, shape, dtype)
-  if reused is not None:
-    return (*reused, f'reused {files.path(".kv.npy")} (fingerprint '
-            f'{digest[:12]})')
-  logging.info('Feature cache %s: %s.', files.path('.kv.npy'), reason)
-  os.makedirs(files.directory, exist_ok=True)
-  if os.path.exists(files.path('.json')):
-    os.remove(files.path('.json'))
-  partial = files.path('.kv.npy.partial')
-  bits = np.lib.format.open_memmap(partial, mode='w+', shape=shape,
-                                   dtype=_file_dtype(dtype))
-  _allocate(partial)
-  labels = fill(bits.view(dtype))
-  bits.flush()
-  checksums = {'labels_sha256': hashlib.sha256(labels).hexdigest(),
-               'chunk_rows': _chunk_rows(bits),
-               'chunk_sha256': _chunk_digests(bits, 'Checksumming')}
-  del bits
-  os.replace(partial, files.path('.kv.npy'))
-  np.save(files.path('.labels.npy'), labels)
-  with open(files.path('.json.partial'), 'w') as f:
-    json.dump({'fingerprint': digest, 'fields': record, **checksums}, f,
-              indent=1, sort_keys=True)
-  os.replace(files.path('.json.partial'), files.path('.json'))
-  kv = np.load(files.path('.kv.npy'), mmap_mode='r').view(dtype)
-  return kv, labels, reason
-
-
-def _allocate(path):
-  """Reserves the file's blocks now, so a full disk is an OSError here.
-
-  (Not a SIGBUS when the memory map first writes to a block the disk has no
-  room for.)
-  """
-  with open(path, 'r+b') as f:
-    try:
-      os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
-    except OSError as e:
-      if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # Unsupported here.
-        raise
-
-
-def _reusable(files, record, digest, shape, dtype):
-  """(None, (kv memmap, labels)) for a complete, intact cache, else (why not, None)."""
-  if not os.path.exists(files.path('.json')):
-    if os.path.exists(files.path('.kv.npy.partial')):
-      return 'building (the last build was interrupted)', None
-    return 'building (no cache yet)', None
-  with open(files.path('.json')) as f:
-    stored = json.load(f)
-  if stored['fingerprint'] != digest:
-    old = stored['fields']
-    changes = [f'{k} {old.get(k)!r} -> {record.get(k)!r}'
-               for k in sorted(set(old) | set(record))
-               if old.get(k) != record.get(k)]
-    return 'rebuilding, the inputs changed: ' + '; '.join(changes), None
-  try:
-    bits = np.load(files.path('.kv.npy'), mmap_mode='r')
-    labels = np.load(files.path('.labels.npy'))
-  except (OSError, ValueError, EOFError) as e:
-    return ('rebuilding, the cache files are unreadable or cut short '
-            f'({type(e).__name__}: {e})'), None
-  if bits.shape != shape:
-    return f'rebuilding, the cache file holds {bits.shape}, not {shape}', None
-  if hashlib.sha256(labels).hexdigest() != stored['labels_sha256']:
-    return 'rebuilding, the labels file was changed after it was written', None
-  bad = [i for i, (ours, written) in enumerate(zip(
-      _chunk_digests(bits, 'Verifying'), stored['chunk_sha256']))
-         if ours != written]
-  if bad:
-    return (f'rebuilding, {len(bad)} chunk(s) of rows were changed after '
-            'they were written (checksum mismatch from row '
-            f'{bad[0] * stored["chunk_rows"]} on)'), None
-  return None, (bits.view(dtype), labels)
-
-
-def _chunk_rows(rows: np.ndarray) -> int:
-  """Rows per checksummed chunk: about CHUNK_BYTES each."""
-  return max(1, CHUNK_BYTES // max(1, rows[0].nbytes))
-
-
-def _chunk_digests(rows: np.ndarray, verb: str) -> list[str]:
-  """sha256 of each chunk of `rows` (file dtype), hashed on several threads."""
-  size = _chunk_rows(rows)
-  starts = range(0, len(rows), size)
-
-  def chunk_digest(start):
-    return hashlib.sha256(
-        np.ascontiguousarray(rows[start:start + size])).hexdigest()
-
-  with concurrent.futures.ThreadPoolExecutor() as pool:
-    return list(tqdm.tqdm(pool.map(chunk_digest, starts), total=len(starts),
-                          desc=f'{verb} the feature cache', unit='chunks',
-                          disable=rows.nbytes < 16 * CHUNK_BYTES))
-
-
-def _sha256(record):
-  return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
-
-
-def _file_dtype(dtype):
-  """What the .npy header can name: bfloat16 rows are stored as their uint16 bits."""
-  return np.dtype(np.uint16) if dtype == STORAGE_DTYPES['bfloat16'] else dtype

@@ -22,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from synqt_jax.data import input_pipeline
+from synqt_jax.data import batching
 from synqt_jax.training import cadence
 from synqt_jax.training import checkpointing
 from synqt_jax.training import devices
@@ -90,7 +90,7 @@ class Inputs:
     """One device's training batch, as `jax.ShapeDtypeStruct`s."""
     config = self.config
     if not self.cached:
-      return input_pipeline.train_batch_spec(config.optim.batch_size,
+      return batching.train_batch_spec(config.optim.batch_size,
                                              self.data.train.image_size)
     return feature_cache.batch_spec(config.optim.batch_size,
                                     self.method.cache_row_shape,
@@ -100,7 +100,7 @@ class Inputs:
     """`config`'s training batches from `start_step` on: online, or cached."""
     num_steps = self.data.total_steps - start_step
     if not self.cached:
-      return input_pipeline.train_batches(
+      return batching.train_batches(
           self.data.train, config.optim.batch_size, seed=config.seed,
           normalization=config.data.normalization, start_step=start_step,
           num_steps=num_steps)

