@@ -118,8 +118,14 @@ def optimizer_steps(tx, steps=4):
 @pytest.mark.parametrize('name,extra,want', [
     ('adamw', {}, lambda lr, o: optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps,
                                             weight_decay=o.weight_decay)),
-    ('adam', {}, lambda lr, o: optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps)),
-    ('sgd', {'momentum': 0.9}, lambda lr, o: optax.sgd(lr, momentum=0.9)),
+    # Without a weight_decay argument of their own, the decay is added to
+    # the gradient first (torch.optim.SGD's weight_decay), not dropped.
+    ('adam', {}, lambda lr, o: optax.chain(
+        optax.add_decayed_weights(o.weight_decay),
+        optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps))),
+    ('sgd', {'momentum': 0.9}, lambda lr, o: optax.chain(
+        optax.add_decayed_weights(o.weight_decay),
+        optax.sgd(lr, momentum=0.9))),
 ])
 def test_the_optimizer_is_optax_by_name_with_the_config_kwargs(name, extra,
                                                                want):
