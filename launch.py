@@ -31,10 +31,10 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from synqt_jax.training import compilation_cache
-from synqt_jax.config import fields as config_fields
 from synqt_jax import errors
 from synqt_jax import predict as predict_lib
+from synqt_jax.config import fields as config_fields
+from synqt_jax.training import compilation_cache
 from synqt_jax.training import grid as grid_lib
 from synqt_jax.training import sweep as sweep_lib
 from synqt_jax.training import train as train_lib

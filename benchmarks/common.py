@@ -17,16 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import common as common_config
-from synqt_jax.weights import checkpoint
-from synqt_jax.training import host_memory
-from synqt_jax.weights import layouts
 from synqt_jax.models import methods
 from synqt_jax.models import vit as models_vit
-from synqt_jax.training import train
 from synqt_jax.training import devices
+from synqt_jax.training import host_memory
 from synqt_jax.training import optimizer
 from synqt_jax.training import state as state_lib
 from synqt_jax.training import steps
+from synqt_jax.training import train
+from synqt_jax.weights import checkpoint
+from synqt_jax.weights import layouts
 
 # ViT-B/16 at 224, headless, as SynQT uses the ImageNet-21k checkpoint.
 VIT_B16 = models_vit.ViTConfig(hidden_size=768, num_layers=12, num_heads=12,

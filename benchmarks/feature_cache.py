@@ -31,10 +31,10 @@ import numpy as np
 
 from benchmarks import common
 from synqt_jax.data import batching
-from synqt_jax.training import feature_cache
-from synqt_jax.models import methods
 from synqt_jax.data import sources
+from synqt_jax.models import methods
 from synqt_jax.models import synqt
+from synqt_jax.training import feature_cache
 from synqt_jax.training import steps
 
 BATCH = 64

@@ -45,11 +45,11 @@ from matplotlib import ticker
 import matplotlib.pyplot as plt
 
 from benchmarks import common
-from synqt_jax.weights import checkpoint
-from synqt_jax.weights import convert
 from synqt_jax.testing import fashion_mnist
 from synqt_jax.training import host_memory
 from synqt_jax.training import sweep
+from synqt_jax.weights import checkpoint
+from synqt_jax.weights import convert
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 2 ** 20

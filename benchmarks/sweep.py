@@ -42,11 +42,11 @@ from benchmarks import common
 from benchmarks import feature_cache as cache_benchmark
 from synqt_jax.data import batching
 from synqt_jax.models import methods
-from synqt_jax.training import sweep
 from synqt_jax.models import synqt
 from synqt_jax.training import devices
 from synqt_jax.training import grid as grid_lib
 from synqt_jax.training import steps
+from synqt_jax.training import sweep
 
 BATCH = cache_benchmark.BATCH
 TOKENS = (1, 4, 16)

@@ -19,8 +19,8 @@ import tempfile
 import numpy as np
 from PIL import Image
 
-from synqt_jax.testing import random_vit
 from synqt_jax.data import tasks
+from synqt_jax.testing import random_vit
 
 
 def prepare(config) -> None:

@@ -9,13 +9,13 @@ from etils import epath
 import jax
 import numpy as np
 
-from synqt_jax.config import fields as config_fields
 from synqt_jax import errors
-from synqt_jax.weights import export
+from synqt_jax.config import fields as config_fields
 from synqt_jax.data import folders
-from synqt_jax.models import methods
 from synqt_jax.data import preprocess
+from synqt_jax.models import methods
 from synqt_jax.training import workdir as workdir_lib
+from synqt_jax.weights import export
 
 
 class PredictInputError(errors.UserError, ValueError):

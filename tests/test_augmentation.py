@@ -10,17 +10,17 @@ from PIL import Image
 import pytest
 
 from configs import fgvc
+from synqt_jax.config import validation as config_validation
 from synqt_jax.data import augment
 from synqt_jax.data import batching
-from synqt_jax.config import validation as config_validation
 from synqt_jax.data import preprocess
 from synqt_jax.data import sources
 from synqt_jax.data import tasks
 from synqt_jax.training import train
+from training_runs import REPO
 from training_runs import compilation_cache  # pylint: disable=unused-import
 from training_runs import final_params
 from training_runs import read_metrics
-from training_runs import REPO
 from training_runs import reproducible
 from training_runs import tiny_config
 

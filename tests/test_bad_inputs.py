@@ -26,13 +26,13 @@ import pytest
 import launch
 from synqt_jax import demo
 from synqt_jax import errors
-from synqt_jax.weights import export
-from synqt_jax.models import methods
 from synqt_jax import predict as predict_lib
+from synqt_jax.models import methods
 from synqt_jax.training import train
+from synqt_jax.weights import export
+from training_runs import REPO
 from training_runs import compilation_cache  # pylint: disable=unused-import
 from training_runs import launch_env
-from training_runs import REPO
 from training_runs import tiny_config
 
 TINY = os.path.join(REPO, 'configs', 'tiny.py')

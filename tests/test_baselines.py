@@ -9,14 +9,14 @@ import optax
 import pytest
 
 from synqt_jax.models import baselines
+from synqt_jax.models import methods
+from synqt_jax.models import synqt
+from synqt_jax.models import vit as models_vit
+from synqt_jax.testing import random_vit
+from synqt_jax.training import train
 from synqt_jax.weights import checkpoint
 from synqt_jax.weights import export
 from synqt_jax.weights import layouts
-from synqt_jax.models import methods
-from synqt_jax.models import vit as models_vit
-from synqt_jax.testing import random_vit
-from synqt_jax.models import synqt
-from synqt_jax.training import train
 from training_runs import compilation_cache  # pylint: disable=unused-import
 from training_runs import tiny_config
 

@@ -13,15 +13,15 @@ import numpy as np
 import optax
 import pytest
 
-from synqt_jax.weights import checkpoint
 from synqt_jax import errors
-from synqt_jax.weights import layouts
 from synqt_jax.models import methods
 from synqt_jax.models import resnet as models_resnet
-from synqt_jax.models import vit as models_vit
-from synqt_jax.weights import position_embedding
-from synqt_jax.testing import random_vit
 from synqt_jax.models import synqt
+from synqt_jax.models import vit as models_vit
+from synqt_jax.testing import random_vit
+from synqt_jax.weights import checkpoint
+from synqt_jax.weights import layouts
+from synqt_jax.weights import position_embedding
 
 POS = 'Transformer/posembed_input/pos_embedding'
 

@@ -9,11 +9,11 @@ import pytest
 from configs import fgvc
 from configs import tiny
 from configs import vtab1k
-from synqt_jax.config import validation as config_validation
 from synqt_jax import errors
+from synqt_jax.config import validation as config_validation
+from synqt_jax.data import tasks
 from synqt_jax.models import methods
 from synqt_jax.models import vit as models_vit
-from synqt_jax.data import tasks
 from synqt_jax.training import optimizer
 from synqt_jax.training import train
 

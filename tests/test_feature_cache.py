@@ -19,18 +19,18 @@ import optax
 import pytest
 
 from synqt_jax.data import batching
-from synqt_jax.weights import checkpoint
 from synqt_jax.data import data_config
+from synqt_jax.data import sources
+from synqt_jax.models import methods
+from synqt_jax.models import recompute
+from synqt_jax.models import synqt
+from synqt_jax.testing import random_vit
 from synqt_jax.training import deferred_eval
 from synqt_jax.training import feature_cache
 from synqt_jax.training import feature_cache_files
-from synqt_jax.weights import layouts
-from synqt_jax.models import recompute
-from synqt_jax.models import methods
-from synqt_jax.testing import random_vit
-from synqt_jax.data import sources
-from synqt_jax.models import synqt
 from synqt_jax.training import steps
+from synqt_jax.weights import checkpoint
+from synqt_jax.weights import layouts
 
 NUM_CLASSES = 5
 BATCH = 16

@@ -9,18 +9,18 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from synqt_jax.data import batching
-from synqt_jax.data import data_config
 from synqt_jax import demo
 from synqt_jax import errors
-from synqt_jax.weights import export
+from synqt_jax.data import batching
+from synqt_jax.data import data_config
 from synqt_jax.data import folders
-from synqt_jax.testing import random_vit
 from synqt_jax.data import sources
 from synqt_jax.data import tasks
+from synqt_jax.testing import random_vit
+from synqt_jax.weights import export
+from training_runs import REPO
 from training_runs import compilation_cache  # pylint: disable=unused-import
 from training_runs import launch_env
-from training_runs import REPO
 
 CIFAR = tasks.get_task('cifar100')
 

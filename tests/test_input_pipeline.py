@@ -9,9 +9,9 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
+from synqt_jax import errors
 from synqt_jax.data import batching
 from synqt_jax.data import data_config
-from synqt_jax import errors
 from synqt_jax.data import prefetcher
 from synqt_jax.data import preprocess
 from synqt_jax.data import sources

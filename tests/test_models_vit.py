@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from synqt_jax.weights import checkpoint
-from synqt_jax.weights import layouts
 from synqt_jax.models import resnet as models_resnet
 from synqt_jax.models import vit as models_vit
 from synqt_jax.testing import random_vit
+from synqt_jax.weights import checkpoint
+from synqt_jax.weights import layouts
 
 # Sizes of checkpoint the forward pass is checked on: (random_vit.make kwargs, head).
 SIZES = {

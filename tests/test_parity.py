@@ -27,12 +27,12 @@ import jax
 import numpy as np
 import pytest
 
-from synqt_jax.weights import checkpoint
 from synqt_jax import errors
+from synqt_jax.models import synqt
 from synqt_jax.models import vit as models_vit
 from synqt_jax.testing import parity
 from synqt_jax.testing import random_vit
-from synqt_jax.models import synqt
+from synqt_jax.weights import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = os.path.join(ROOT, 'tests', 'data', 'official_synqt_t4.npz')

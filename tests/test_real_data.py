@@ -17,9 +17,9 @@ import sys
 
 import pytest
 
+from synqt_jax.testing import fashion_mnist
 from synqt_jax.weights import checkpoint
 from synqt_jax.weights import convert
-from synqt_jax.testing import fashion_mnist
 from training_runs import REPO
 
 TRAIN_PER_CLASS, TEST_IMAGES, IMAGE_SIZE, EPOCHS = 30, 1000, 56, 30

@@ -13,14 +13,14 @@ import pytest
 
 from configs import common
 from configs import tiny
-from synqt_jax.models import baselines
 from synqt_jax.config import fields as config_fields
 from synqt_jax.config import validation as config_validation
-from synqt_jax.weights import export
+from synqt_jax.models import baselines
 from synqt_jax.models import methods
 from synqt_jax.models import vit as models_vit
-from synqt_jax.training import train
 from synqt_jax.training import optimizer
+from synqt_jax.training import train
+from synqt_jax.weights import export
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VIT = models_vit.ViTConfig(32, 2, 2, 64, 8, 32)  # width, depth, heads, mlp, patch, image

@@ -23,14 +23,14 @@ import numpy as np
 from orbax.checkpoint._src.path import gcs_utils
 import pytest
 
-from synqt_jax.weights import export
 from synqt_jax import predict
+from synqt_jax.training import checkpointing
 from synqt_jax.training import sweep
 from synqt_jax.training import train
 from synqt_jax.training import workdir as workdir_lib
-from synqt_jax.training import checkpointing
-from training_runs import compilation_cache  # pylint: disable=unused-import
+from synqt_jax.weights import export
 from training_runs import NO_DROPOUT
+from training_runs import compilation_cache  # pylint: disable=unused-import
 from training_runs import reproducible
 from training_runs import tiny_config
 

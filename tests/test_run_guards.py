@@ -19,12 +19,12 @@ import pytest
 from synqt_jax import demo
 from synqt_jax.training import nonfinite
 from synqt_jax.training import train
+from training_runs import REPO
 from training_runs import compilation_cache  # pylint: disable=unused-import
 from training_runs import launch_command
 from training_runs import launch_env
 from training_runs import read_log
 from training_runs import read_metrics
-from training_runs import REPO
 from training_runs import run_launch
 from training_runs import start_launch
 from training_runs import tiny_config

@@ -16,9 +16,10 @@ import jax
 import numpy as np
 import pytest
 
+from synqt_jax.training import grid as grid_lib
 from synqt_jax.training import sweep
 from synqt_jax.training import train
-from synqt_jax.training import grid as grid_lib
+from training_runs import REPO
 from training_runs import compilation_cache  # pylint: disable=unused-import
 from training_runs import final_params
 from training_runs import launch_command
@@ -27,7 +28,6 @@ from training_runs import losses
 from training_runs import read_log
 from training_runs import read_metrics
 from training_runs import read_results
-from training_runs import REPO
 from training_runs import reproducible
 from training_runs import run_launch
 from training_runs import start_launch

@@ -10,13 +10,13 @@ import numpy as np
 import optax
 import pytest
 
-from synqt_jax.weights import checkpoint
-from synqt_jax.weights import layouts
 from synqt_jax.models import methods
+from synqt_jax.models import synqt
 from synqt_jax.models import vit as models_vit
 from synqt_jax.testing import random_vit
 from synqt_jax.testing import reference
-from synqt_jax.models import synqt
+from synqt_jax.weights import checkpoint
+from synqt_jax.weights import layouts
 
 REFERENCE = os.path.join(os.path.dirname(__file__), 'data', 'official_synqt_t4.npz')
 VIT_B = models_vit.ViTConfig(768, 12, 12, 3072, 16, 224)  # Headless ViT-B/16.

@@ -17,27 +17,27 @@ import numpy as np
 import optax
 import pytest
 
-from synqt_jax.data import batching
 from synqt_jax import demo
-from synqt_jax.weights import export
-from synqt_jax.training import host_memory
-from synqt_jax.models import methods
 from synqt_jax import predict
-from synqt_jax.training import train
+from synqt_jax.data import batching
+from synqt_jax.models import methods
 from synqt_jax.training import devices
+from synqt_jax.training import host_memory
 from synqt_jax.training import optimizer
 from synqt_jax.training import state as state_lib
 from synqt_jax.training import steps
+from synqt_jax.training import train
+from synqt_jax.weights import export
+from training_runs import NO_DROPOUT
+from training_runs import REPO
 from training_runs import compilation_cache  # pylint: disable=unused-import
 from training_runs import final_params
 from training_runs import free_port
 from training_runs import launch_env
 from training_runs import losses
-from training_runs import NO_DROPOUT
 from training_runs import read_log
 from training_runs import read_metrics
 from training_runs import read_results
-from training_runs import REPO
 from training_runs import reproducible
 from training_runs import run_launch
 from training_runs import start_launch

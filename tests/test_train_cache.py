@@ -21,13 +21,13 @@ from training_runs import read_results
 from training_runs import reproducible
 from training_runs import tiny_config
 
-from synqt_jax.config import validation as config_validation
 from synqt_jax import demo
-from synqt_jax.training import feature_cache
+from synqt_jax.config import validation as config_validation
 from synqt_jax.models import methods
-from synqt_jax.training import train
 from synqt_jax.training import checkpointing
+from synqt_jax.training import feature_cache
 from synqt_jax.training import loop
+from synqt_jax.training import train
 
 # No stochastic depth anywhere, so the online image path matches the cache's;
 # dropout and the head's drop path stay on (same keys on both paths).

@@ -5,14 +5,14 @@ section is checked by the fields it declares in methods.REGISTRY.
 """
 import functools
 
-from synqt_jax.data import augment
-from synqt_jax.config import fields as config_fields
-from synqt_jax.data import data_config
 from synqt_jax import errors
-from synqt_jax.training import feature_cache
-from synqt_jax.training import optimizer
+from synqt_jax.config import fields as config_fields
+from synqt_jax.data import augment
+from synqt_jax.data import data_config
 from synqt_jax.models import methods
 from synqt_jax.models import vit as models_vit
+from synqt_jax.training import feature_cache
+from synqt_jax.training import optimizer
 from synqt_jax.weights import position_embedding
 
 FEATURE_CACHES = ('none',) + feature_cache.MODES

@@ -18,8 +18,8 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from synqt_jax.models import vit as models_vit
 from synqt_jax.models import synqt
+from synqt_jax.models import vit as models_vit
 
 # The attention projections LoRA adapts, as the LoRA paper's ViT/GPT experiments.
 LORA_TARGETS = ('query', 'value')

@@ -29,14 +29,14 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from synqt_jax.models import baselines
-from synqt_jax.weights import checkpoint
 from synqt_jax.config import fields as config_fields
 from synqt_jax.data import data_config
-from synqt_jax.weights import layouts
+from synqt_jax.models import baselines
 from synqt_jax.models import recompute
-from synqt_jax.models import vit as models_vit
 from synqt_jax.models import synqt
+from synqt_jax.models import vit as models_vit
+from synqt_jax.weights import checkpoint
+from synqt_jax.weights import layouts
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,8 +37,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from synqt_jax.models import vit as models_vit
 from synqt_jax.models import synqt
+from synqt_jax.models import vit as models_vit
 
 PIECES = 8  # Pieces of a batch, at most (the most that divide it evenly).
 # Images in a piece on a CPU, at most. ViT-B/16 at batch 64 (8 pieces of 8

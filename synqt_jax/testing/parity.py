@@ -32,12 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from synqt_jax.weights import checkpoint
 from synqt_jax import errors
-from synqt_jax.weights import layouts
+from synqt_jax.models import synqt
 from synqt_jax.testing import random_vit
 from synqt_jax.testing import reference
-from synqt_jax.models import synqt
+from synqt_jax.weights import checkpoint
+from synqt_jax.weights import layouts
 
 LOGIT_TOL = 1e-4  # Absolute, on the logits.
 GRAD_TOL = 1e-3  # Relative, as described above.

@@ -12,8 +12,8 @@ from typing import Mapping
 
 import numpy as np
 
-from synqt_jax.weights import layouts
 from synqt_jax.models import synqt
+from synqt_jax.weights import layouts
 
 UNUSED = re.compile(r'^synqt\.(pre_norm\.\d+\.(weight|bias)|out_combine\.weight)$')
 RENAMES = {'out_combine/get_weight/fc1': 'combine'}

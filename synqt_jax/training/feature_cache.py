@@ -44,14 +44,14 @@ import numpy as np
 import tqdm
 
 from synqt_jax.data import batching
-from synqt_jax.weights import checkpoint
-from synqt_jax.training import feature_cache_files
-from synqt_jax.training import host_memory
-from synqt_jax.weights import layouts
 from synqt_jax.data import prefetcher
 from synqt_jax.data import sources
 from synqt_jax.models import synqt
 from synqt_jax.models import vit as models_vit
+from synqt_jax.training import feature_cache_files
+from synqt_jax.training import host_memory
+from synqt_jax.weights import checkpoint
+from synqt_jax.weights import layouts
 
 MODES = ('host', 'disk', 'device')
 AXIS = 'feature_cache'  # The pmapped axis of building and gathering.

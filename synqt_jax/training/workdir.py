@@ -35,8 +35,8 @@ from typing import Any, Iterator
 from absl import logging
 from etils import epath
 
-from synqt_jax.config import fields as config_fields
 from synqt_jax import errors
+from synqt_jax.config import fields as config_fields
 
 IDENTITY_FILE = 'identity.json'
 RESULTS_FILE = 'results.json'

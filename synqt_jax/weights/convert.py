@@ -30,10 +30,10 @@ import sys
 import numpy as np
 import safetensors.numpy
 
-from synqt_jax.weights import checkpoint
 from synqt_jax import errors
-from synqt_jax.weights import onnx_weights
 from synqt_jax.data import preprocess
+from synqt_jax.weights import checkpoint
+from synqt_jax.weights import onnx_weights
 
 # What the weights were trained on: DINOv2 and timm's DeiT/MAE/DINOv2 used
 # ImageNet mean/std; timm's AugReg and original ViT weights used [-1, 1].

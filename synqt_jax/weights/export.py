@@ -14,10 +14,10 @@ import zipfile
 from etils import epath
 import numpy as np
 
-from synqt_jax.data import data_config
 from synqt_jax import errors
-from synqt_jax.weights import layouts
+from synqt_jax.data import data_config
 from synqt_jax.training import workdir
+from synqt_jax.weights import layouts
 
 FILE = 'export.npz'  # A finished workdir's export.
 METADATA_KEY = '__metadata__'
