@@ -24,7 +24,6 @@ from synqt_jax.training import host_memory
 from synqt_jax.training import optimizer
 from synqt_jax.training import state as state_lib
 from synqt_jax.training import steps
-from synqt_jax.training import train
 from synqt_jax.weights import checkpoint
 from synqt_jax.weights import layouts
 
@@ -75,19 +74,19 @@ def random_backbone(vit, seed=0, dtype=jnp.float32):
 
 def backbone_shapes(vit, dtype=jnp.float32):
   return layouts.nest({k: jax.ShapeDtypeStruct(shape, dtype)
-                          for k, shape in checkpoint.expected_shapes(vit).items()})
+                       for k, shape in checkpoint.expected_shapes(vit).items()})
 
 
 def initial_state(method, frozen, abstract=True):
   """The trainer's initial `TrainState` of `method` (its shapes if `abstract`)."""
-  optimizer = optimizer.create(common_config.get_config().optim,
-                                     learning_rate_schedule())
+  tx = optimizer.create(common_config.get_config().optim,
+                        learning_rate_schedule())
 
   def create(frozen):
     params = method.init(jax.random.PRNGKey(0), frozen, None)
     return state_lib.TrainState.create(apply_fn=method.apply, params=params,
-                                   tx=optimizer, rng=jax.random.PRNGKey(1),
-                                   method=method)
+                                       tx=tx, rng=jax.random.PRNGKey(1),
+                                       method=method)
 
   # Not under a jit, as state_lib.create_train_state: a jit would copy `frozen`.
   return jax.eval_shape(create, frozen) if abstract else create(frozen)

@@ -35,7 +35,6 @@ from synqt_jax.data import sources
 from synqt_jax.models import methods
 from synqt_jax.models import synqt
 from synqt_jax.training import feature_cache
-from synqt_jax.training import steps
 
 BATCH = 64
 NUM_CLASSES = common.NUM_CLASSES

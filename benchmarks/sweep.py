@@ -61,7 +61,7 @@ def parse_args():
                       help='Stacked combinations timed at T=4.')
   parser.add_argument('--max_stack', type=int, default=sweep.MAX_STACK,
                       help='Combinations per compiled step (launch.py sweep '
-                           '--max_stack).')
+                      '--max_stack).')
   parser.add_argument('--steps', type=int, default=1,
                       help='Timed steps per point (after one warm-up).')
   parser.add_argument('--json', default='benchmarks/results/sweep.json')
@@ -75,7 +75,7 @@ def synqt_method(tokens, cached=True):
       image_drop_path=not cached))
 
 
-def stacked_step_seconds(tokens, stack, frozen, cache, steps):
+def stacked_step_seconds(tokens, stack, frozen, cache, timed_steps):
   """(seconds of each timed step, compile seconds) of `stack` stacked members."""
   method = synqt_method(tokens)
   states = tuple(common.with_device_axis(common.initial_state(
@@ -92,7 +92,7 @@ def stacked_step_seconds(tokens, stack, frozen, cache, steps):
   compiled = step.lower(states, p_frozen, first).compile()
   compile_s = time.perf_counter() - start
   times = common.step_seconds(compiled, states, p_frozen,
-                              itertools.chain([first], batches), steps)
+                              itertools.chain([first], batches), timed_steps)
   return times, compile_s
 
 
@@ -199,7 +199,7 @@ def main():
       'batch': BATCH, 'grid': {'token_nums': TOKENS, 'per_token_count':
                                PER_GROUP,
                                'stacks_per_token_count':
-                                   stack_sizes(args.max_stack)},
+                               stack_sizes(args.max_stack)},
       'measured': measured, 'projection': project(measured, args),
       'target_ratio_to_one_online_run': TARGET_RATIO}
   results['ratio_to_one_online_run'] = results['projection'][

@@ -46,9 +46,6 @@ from synqt_jax.testing import random_vit
 from synqt_jax.training import compilation_cache
 from synqt_jax.training import devices
 from synqt_jax.training import host_memory
-from synqt_jax.training import state as state_lib
-from synqt_jax.training import steps
-from synqt_jax.training import train
 
 _REFERENCE = flags.DEFINE_string(
     'reference', None, "The reference's checkout (holding synqt.py) or its synqt.py.")

@@ -7,7 +7,6 @@ orbax noise) or in test_run_guards.py (the trainer's guards).
 """
 import concurrent.futures
 import errno
-import json
 import logging
 import os
 import shutil

@@ -204,7 +204,7 @@ def test_every_problem_is_reported_at_once_and_nothing_is_returned(tiny_checkpoi
   del flat['head/bias']
   flat['Transformer/encoderblock_1/extra'] = np.zeros(1, np.float32)
   flat['Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel'] = np.zeros((32, 65),
-                                                                           np.float32)
+                                                                          np.float32)
   path = write_npz(tmp_path / 'bad.npz', flat)
   result = 'untouched'
   with pytest.raises(errors.CheckpointError) as e:

@@ -123,7 +123,7 @@ def test_bfloat16_backbone_only_where_the_backbone_is_frozen():
   config.method = 'full'
   with pytest.raises(config_validation.ConfigError,
                      match=r"config\.backbone_dtype='bfloat16'; expected 'float32' "
-                           r"with method='full' \(it trains the backbone"):
+                     r"with method='full' \(it trains the backbone"):
     config_validation.validate(config)
 
 
@@ -132,7 +132,7 @@ def test_batches_must_split_over_the_devices():
   config_validation.validate_device_split(config, 8)
   with pytest.raises(config_validation.ConfigError,
                      match=r'config\.optim\.batch_size=64; expected a multiple '
-                           'of the 3 devices'):
+                     'of the 3 devices'):
     config_validation.validate_device_split(config, 3)
 
 

@@ -231,9 +231,9 @@ def as_hugging_face(state, prefix='dinov2.'):
         prefix + 'embeddings.mask_token': np.zeros((1, WIDTH), np.float32),
         prefix + 'embeddings.position_embeddings': state['pos_embed'],
         prefix + 'embeddings.patch_embeddings.projection.weight':
-            state['patch_embed.proj.weight'],
+        state['patch_embed.proj.weight'],
         prefix + 'embeddings.patch_embeddings.projection.bias':
-            state['patch_embed.proj.bias'],
+        state['patch_embed.proj.bias'],
         prefix + 'layernorm.weight': state['norm.weight'],
         prefix + 'layernorm.bias': state['norm.bias']}
   for i in range(DEPTH):

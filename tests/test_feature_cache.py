@@ -28,7 +28,6 @@ from synqt_jax.testing import random_vit
 from synqt_jax.training import deferred_eval
 from synqt_jax.training import feature_cache
 from synqt_jax.training import feature_cache_files
-from synqt_jax.training import steps
 from synqt_jax.weights import checkpoint
 from synqt_jax.weights import layouts
 
@@ -123,7 +122,7 @@ def train_step(apply):
 def online_run(setup):
   method, frozen, _, source = setup
   batches = batching.train_batches(source, BATCH, seed=SEED,
-                                         normalization=NORMALIZATION)
+                                   normalization=NORMALIZATION)
   return train(method, frozen, batches, 'image', method.apply)
 
 
@@ -481,7 +480,7 @@ def test_batch_specs_are_the_batches_shapes(setup):
   method, _, _, source = setup
   shapes = lambda batch: {k: (v.shape, np.dtype(v.dtype)) for k, v in batch.items()}
   online = next(batching.train_batches(source, BATCH, seed=SEED,
-                                             normalization=NORMALIZATION))
+                                       normalization=NORMALIZATION))
   assert shapes(batching.train_batch_spec(BATCH, 32)) == shapes(online)
   for dtype in ('float32', 'bfloat16'):
     cached = next(build(setup, mode='host', storage_dtype=dtype).batches(BATCH, seed=SEED))

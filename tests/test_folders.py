@@ -157,11 +157,11 @@ def test_stream_and_cache_of_a_folder_split_agree(tmp_path):
   make_noah_task(tmp_path, sizes=(('test', 7),))
   source = data_config.load_source(folder_config(tmp_path), 'test')
   cached = data_config.load_source(folder_config(tmp_path), 'test',
-                                      in_memory=True)
+                                   in_memory=True)
   assert isinstance(cached, sources.ArraySource)
   batches = list(batching.eval_batches(source, 4, local_device_count=1))
   cached_batches = list(batching.eval_batches(cached, 4,
-                                                    local_device_count=1))
+                                              local_device_count=1))
   for batch, cached_batch in zip(batches, cached_batches, strict=True):
     for key in batch:
       np.testing.assert_array_equal(batch[key], cached_batch[key])

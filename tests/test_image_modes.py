@@ -95,7 +95,7 @@ def test_every_image_of_a_split_is_checked_before_training(tmp_path):
   """Defect 4: a corrupt test image crashed the run at the first evaluation."""
   write_split(tmp_path, 30, corrupt=(7, 20))
   config = data_config.default_data_config(source='folder', task='eurosat',
-                                              root=str(tmp_path), image_size=8)
+                                           root=str(tmp_path), image_size=8)
   source = data_config.load_source(config, 'test')  # Lists; decodes none.
   with pytest.raises(folders.CorruptImageError) as info:
     source.check_images()

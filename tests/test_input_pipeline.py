@@ -100,7 +100,7 @@ def train(source, batch=4, steps=9, **kwargs):
   kwargs.setdefault('process_index', 0)
   kwargs.setdefault('seed', 0)
   return list(batching.train_batches(source, batch, num_steps=steps,
-                                           **kwargs))
+                                     **kwargs))
 
 
 def assert_same(batches, other_batches):
@@ -159,7 +159,7 @@ def test_every_example_once_per_epoch_and_padded_last_batch():
 
 def test_batch_shapes_and_dtypes_with_jax_defaults():
   batch = next(batching.train_batches(index_source(10, size=6), 4,
-                                            seed=0, normalization='inception'))
+                                      seed=0, normalization='inception'))
   assert batch['image'].shape == (1, 4, 6, 6, 3)
   assert batch['image'].dtype == np.float32
   assert batch['label'].shape == (1, 4) and batch['label'].dtype == np.int32
@@ -169,7 +169,7 @@ def test_batch_shapes_and_dtypes_with_jax_defaults():
 def test_eval_counts_every_example_once_in_order():
   source = index_source(10)
   batches = list(batching.eval_batches(source, 4, local_device_count=2,
-                                             process_count=1, process_index=0))
+                                       process_count=1, process_index=0))
   assert len(batches) == batching.steps_per_epoch(10, 4) == 3
   assert batches[0]['label'].shape == (2, 2)
   masks = np.concatenate([b['mask'].reshape(-1) for b in batches])
@@ -203,7 +203,7 @@ def test_hosts_slices_make_up_the_global_batch(stream):
 def test_batch_must_split_over_hosts_and_devices():
   with pytest.raises(ValueError, match='Global batch 6 .* 2 processes x 2'):
     batching.train_batches(index_source(10), 6, seed=0, process_count=2,
-                                 process_index=0, local_device_count=2)
+                           process_index=0, local_device_count=2)
 
 
 def test_bad_seed():
@@ -214,7 +214,7 @@ def test_bad_seed():
 def test_abandoned_stream_stops_its_thread():
   before = threading.active_count()
   stream = batching.train_batches(index_source(10), 2, seed=0,
-                                        local_device_count=1)
+                                  local_device_count=1)
   assert len(list(itertools.islice(stream, 3))) == 3
   stream.close()
   assert threading.active_count() == before
@@ -315,7 +315,7 @@ def test_every_vtab_task_through_mocked_tfds(task_name, tmp_path):
   with mock_tfds(task_name):
     for split in tasks.VTAB_SPLITS:
       source = data_config.load_source(config, split,
-                                          in_memory=split == 'train800val200')
+                                       in_memory=split == 'train800val200')
       assert source.num_classes == task.num_classes
       assert len(source) == (len(scenes) if scenes else NUM_MOCK_EXAMPLES)
       examples = [source[i] for i in range(len(source))]
@@ -362,7 +362,7 @@ def test_unprepared_tfds_dataset_says_how_to_prepare(tmp_path):
 ])
 def test_manual_download_steps(task_name, needs, tmp_path):
   config = data_config.default_data_config(task=task_name,
-                                              root=str(tmp_path))
+                                           root=str(tmp_path))
   with pytest.raises(sources.TfdsNotPreparedError) as error:
     data_config.load_source(config, 'train800val200')
   message = str(error.value)

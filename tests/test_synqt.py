@@ -1,6 +1,5 @@
 """SynQT: the reference converter, the methods interface, randomness, gradients, memory."""
 import dataclasses
-import functools
 import os
 import re
 

@@ -66,7 +66,8 @@ def validate(config) -> None:
     _check_fields(config, method, registered.fields)
 
   optim = _get(config, 'optim')
-  _check(config, 'optim.name', lambda x: optimizer.optax_parameters(x) is not None,
+  _check(config, 'optim.name',
+         lambda x: optimizer.optax_parameters(x) is not None,
          "the name of an optax optimizer, such as 'adamw', 'adam', 'sgd' or "
          "'lamb'")
   parameters = optimizer.optax_parameters(optim.name)

@@ -66,7 +66,7 @@ class SynQT:
   def apply(self, trainable, frozen, images, train=False, rngs=None):
     if train and self.config.image_path_memory == 'recompute':
       return recompute.training_logits(self, trainable, frozen, images,
-                                               rngs)
+                                       rngs)
     return self.model.apply({'params': {**trainable, **frozen}}, images,
                             train=train, rngs=rngs)
 

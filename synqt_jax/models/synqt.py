@@ -73,9 +73,9 @@ class SynQTConfig:
     On a CPU the blocks run faster on one image at a time, and only one
     image's attention weights and MLP activations exist at once (ViT-B/16
     keep_kv at batch 64: ~1.4x the images per second and 0.76x XLA's
-    temporaries of the whole batch at once); each image's K/V are then the same whatever the batch
-    (a feature cache's build batches, online training's). A GPU or TPU wants
-    the whole batch at once.
+    temporaries of the whole batch at once); each image's K/V are then the
+    same whatever the batch (a feature cache's build batches, online
+    training's). A GPU or TPU wants the whole batch at once.
     """
     if self.image_path_batch:
       return self.image_path_batch

@@ -65,8 +65,8 @@ def evaluate_each(scored: Sequence[tuple[Any, Any]], frozen,
   replicated = [(_pmapped(m)[1], devices.replicate(p)) for m, p in scored]
   counts = []
   for batch in batching.eval_batches(source, global_batch,
-                                           normalization=normalization,
-                                           num_threads=num_threads):
+                                     normalization=normalization,
+                                     num_threads=num_threads):
     kv = image_kv(frozen, batch['image'])
     counts.append([score(params, frozen, kv, batch['label'], batch['mask'])
                    for score, params in replicated])

@@ -134,10 +134,12 @@ def _kept_params_path(workdir, step):
           f'step_{step}.process_{jax.process_index()}.npz')
 
 
-def create_evaluator(config, workdir, method, inputs, log,
-                     history) -> Evaluator:
-  """The evaluator `config.train.deferred_eval` chooses."""
-  kind = DeferredEvaluator if config.train.deferred_eval else ImmediateEvaluator
+def create_evaluator(config, workdir, method, inputs, log, history,
+                     deferred=None) -> Evaluator:
+  """The evaluator `deferred` chooses (None: `config.train.deferred_eval`)."""
+  if deferred is None:
+    deferred = config.train.deferred_eval
+  kind = DeferredEvaluator if deferred else ImmediateEvaluator
   return kind(config, workdir, method, inputs, log, history)
 
 

@@ -91,7 +91,7 @@ class Inputs:
     config = self.config
     if not self.cached:
       return batching.train_batch_spec(config.optim.batch_size,
-                                             self.data.train.image_size)
+                                       self.data.train.image_size)
     return feature_cache.batch_spec(config.optim.batch_size,
                                     self.method.cache_row_shape,
                                     config.train.cache_dtype)
@@ -171,13 +171,16 @@ def restore_together(checkpointings, members):
 
 
 def train_together(members, inputs, stack, *, preemption, memory,
-                   desc='Training', saved='the checkpoint') -> bool:
+                   desc='Training', saved='the checkpoint',
+                   deferred=None) -> bool:
   """Trains `members` to the end (or resumes them); False if preempted.
 
   Leaves each member's final host state and its evaluator, whose log stays
   open in `stack` for `evaluators.score_deferred`. `memory`
   (host_memory.Phases) marks each phase; `desc` names the progress bar,
-  `saved` what a SIGTERM's save holds, in the log.
+  `saved` what a SIGTERM's save holds, in the log. `deferred`: keep every
+  evaluation point for `evaluators.score_deferred` (None: as the member's
+  `train.deferred_eval` says; a sweep scores all members' points at once).
   """
   config, data = members[0].config, inputs.data
   checkpointings = [stack.enter_context(checkpointing.Checkpointing(
@@ -189,7 +192,7 @@ def train_together(members, inputs, stack, *, preemption, memory,
   for member, log, history in zip(members, logs, histories):
     member.evaluator = evaluators.create_evaluator(
         member.config, member.workdir, member.state.method, inputs, log,
-        history)
+        history, deferred)
   if start_step == data.total_steps:
     for member, state in zip(members, states):
       member.state = state

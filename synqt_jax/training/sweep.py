@@ -63,8 +63,6 @@ def member_configs(config, workdir, grid):
   grid_lib.check_grid(config, grid)
   members = {}
   for name, (_, member) in grid_lib.member_configs(config, grid).items():
-    with member.unlocked():  # Every member's points are scored together.
-      member.train.deferred_eval = True
     member_dir = str(workdir_lib.as_path(workdir) / name)
     members[name] = member_dir, train.validated(member, member_dir)
   return members
@@ -114,7 +112,7 @@ def _train_members(config, workdir, grid, configs, evaluation_splits,
         if not loop.train_together(
             group, inputs, stack, preemption=preemption, memory=memory,
             desc=f'Group {i + 1}/{len(groups)} ({len(group)} stacked)',
-            saved='every member'):
+            saved='every member', deferred=True):
           return None
         memory.mark(f'training group {i + 1} of {len(groups)}')
       inputs.release_cache()

@@ -85,7 +85,7 @@ def prepare_run(config, workdir):
   if config.prepare:
     config_fields.function(config.prepare)(config)
   write_json(workdir_lib.as_path(workdir) / 'config.json',
-              config_fields.without_aliases(config.to_dict()))
+             config_fields.without_aliases(config.to_dict()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +106,7 @@ class Data:
     for source in evaluation.values():  # A bad image stops the run now,
       source.check_images()             # not after hours of training.
     steps_per_epoch = batching.steps_per_epoch(len(train),
-                                                     config.optim.batch_size)
+                                               config.optim.batch_size)
     return cls(train, evaluation, steps_per_epoch,
                config.optim.epochs * steps_per_epoch)
 
