@@ -7,6 +7,8 @@ rest runs random state dicts against an independent NumPy timm forward pass.
 """
 import math
 import os
+import subprocess
+import sys
 
 import jax
 import ml_collections
@@ -451,3 +453,21 @@ def test_a_directory_source_names_the_files_in_it(timm_npz, tmp_path):
   (tmp_path / 'empty').mkdir()
   assert 'is a directory with no .safetensors, .npz, .onnx file in it' in (
       convert_error(tmp_path / 'empty', tmp_path / 'out.npz'))
+
+
+def test_python_m_synqt_jax_convert_is_the_command_line(tmp_path):
+  """The documented command: it converts, and a bad source is one line."""
+  source, out = tmp_path / 'timm.npz', tmp_path / 'out.npz'
+  np.savez(source, **random_timm())
+  run = lambda *args: subprocess.run(
+      [sys.executable, '-m', 'synqt_jax.convert', *map(str, args)],
+      capture_output=True, text=True, timeout=300,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  result = run(source, out, f'--num_heads={HEADS}')
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.startswith(f'Wrote {out}: ViT of ')
+  assert checkpoint.file_metadata(str(out))['converted_from'] == 'timm: timm.npz'
+  missing = run(tmp_path / 'missing.npz', tmp_path / 'other.npz')
+  assert missing.returncode == 1 and 'Traceback' not in missing.stderr
+  assert missing.stderr.strip().splitlines() == [
+      f"Error: '{tmp_path / 'missing.npz'}' does not exist."]
