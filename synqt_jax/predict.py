@@ -14,6 +14,7 @@ from synqt_jax.config import fields as config_fields
 from synqt_jax.data import folders
 from synqt_jax.data import preprocess
 from synqt_jax.models import methods
+from synqt_jax.training import sweep
 from synqt_jax.training import workdir as workdir_lib
 from synqt_jax.weights import export
 
@@ -46,7 +47,7 @@ def sweep_problem(workdir) -> str | None:
   results = root / workdir_lib.RESULTS_FILE
   summary = json.loads(results.read_text()) if results.exists() else {}
   if 'combinations' in summary:
-    chosen = root / 'final'
+    chosen = root / sweep.FINAL_DIR
     if not (chosen / export.FILE).exists():
       chosen = root / summary['chosen']
     others = [r['name'] for r in summary['combinations']
@@ -59,8 +60,9 @@ def sweep_problem(workdir) -> str | None:
             f'not one run: predict with the chosen one ({summary["chosen"]}), '
             f'--workdir {chosen}{listed}.')
   for identity in (root / workdir_lib.IDENTITY_FILE,
-                   root / 'selection' / workdir_lib.IDENTITY_FILE):
-    if identity.exists() and 'sweep_grid' in json.loads(identity.read_text()):
+                   root / sweep.SELECTION_DIR / workdir_lib.IDENTITY_FILE):
+    if (identity.exists()
+        and sweep.GRID_IDENTITY in json.loads(identity.read_text())):
       return (f'{workdir!r} is a sweep that has not finished: run '
               '`launch.py sweep` with this workdir again to finish it, then '
               'predict with the run it chooses.')

@@ -56,8 +56,6 @@ class Inputs:
   def __init__(self, config, workdir, method, frozen, data, backbone_digest):
     self.config, self.workdir, self.data = config, workdir, data
     self.method = method  # Computes the cache's rows.
-    self.frozen_spec = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), frozen)
     self.backbone_digest = backbone_digest
     self._frozen, self._p_frozen = frozen, None
     self._cache = None
@@ -72,8 +70,16 @@ class Inputs:
     """Leaves out the parts of the frozen tree that the state holds instead
     (full fine-tuning's backbone is trainable): the devices hold them once."""
     self._frozen = {k: v for k, v in self.host_frozen.items() if k not in keys}
-    self.frozen_spec = {k: v for k, v in self.frozen_spec.items()
-                        if k not in keys}
+
+  @property
+  def frozen_spec(self):
+    """One device's frozen tree as `jax.ShapeDtypeStruct`s, placed or not."""
+    if self._p_frozen is None:
+      return jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+          self._frozen)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
+                        self._p_frozen)
 
   @property
   def p_frozen(self):

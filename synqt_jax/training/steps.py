@@ -17,8 +17,6 @@ import optax
 
 from synqt_jax.training import devices
 
-AXIS = devices.AXIS
-
 
 def logits_of(method, params, frozen, batch, train, rngs=None):
   """The model's logits for a batch; the one place that reads its inputs.
@@ -40,10 +38,10 @@ def gradients(method, params, rng, step, frozen, batch):
   device index).
   """
   device_rng = jax.random.fold_in(jax.random.fold_in(rng, step),
-                                  jax.lax.axis_index(AXIS))
+                                  jax.lax.axis_index(devices.AXIS))
   dropout_rng, drop_path_rng = jax.random.split(device_rng)
   rngs = {'dropout': dropout_rng, 'drop_path': drop_path_rng}
-  global_count = jax.lax.psum(batch['mask'].sum(), AXIS)
+  global_count = jax.lax.psum(batch['mask'].sum(), devices.AXIS)
 
   def loss_fn(params):
     logits = logits_of(method, params, frozen, batch, True, rngs)
@@ -54,7 +52,7 @@ def gradients(method, params, rng, step, frozen, batch):
   local_loss, local_grads = jax.value_and_grad(loss_fn)(params)
   # One all-reduce for the whole gradient, not one per tensor.
   local_flat, unflatten = jax.flatten_util.ravel_pytree(local_grads)
-  loss, flat_grads = jax.lax.psum((local_loss, local_flat), AXIS)
+  loss, flat_grads = jax.lax.psum((local_loss, local_flat), devices.AXIS)
   return loss, unflatten(flat_grads)
 
 
@@ -96,7 +94,8 @@ def train_steps(states, frozen, batch, learning_rate_fns):
 def counts(logits, label, mask):
   """Correct predictions and real examples of a global batch (under pmap)."""
   correct = (jnp.argmax(logits, -1) == label) * mask
-  return jax.lax.psum({'correct': correct.sum(), 'count': mask.sum()}, AXIS)
+  return jax.lax.psum({'correct': correct.sum(), 'count': mask.sum()},
+                      devices.AXIS)
 
 
 def eval_step(method, params, frozen, batch):
@@ -128,7 +127,7 @@ def compile_train_steps(states, frozen_spec, batch_spec, learning_rate_fns):
   """
   step = jax.pmap(functools.partial(train_steps,
                                     learning_rate_fns=tuple(learning_rate_fns)),
-                  axis_name=AXIS, donate_argnums=(0,))
+                  axis_name=devices.AXIS, donate_argnums=(0,))
   if jax.process_count() > 1:
     return step
   start = time.perf_counter()

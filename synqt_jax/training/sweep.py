@@ -52,6 +52,11 @@ from synqt_jax.training import workdir as workdir_lib
 HELD_OUT = {'val200': ('train800', 'train800val200'),
             'val': ('train', 'train+val')}
 SELECT_ON = ('test', *HELD_OUT)
+# A held-out sweep's directories: every combination's selection run, and the
+# chosen one retrained.
+SELECTION_DIR, FINAL_DIR = 'selection', 'final'
+# What a sweep's workdir identity (workdir.check_identity) records its grid as.
+GRID_IDENTITY = 'sweep_grid'
 # Members per compiled step: XLA's compile of a step grows with the stack (8
 # stacked ViT-B/16 members at T = 4 ran out of a 24 GB CPU host while
 # compiling; 4 compiled); larger groups train as several stacks in turn.
@@ -89,7 +94,7 @@ def _train_members(config, workdir, grid, configs, evaluation_splits,
   """`train_members` in a workdir this process holds."""
   train.prepare_run(config, workdir)
   inputs, memory = train.prepare_inputs(config, workdir, evaluation_splits,
-                                        sweep_grid=json.dumps(grid))
+                                        **{GRID_IDENTITY: json.dumps(grid)})
   members = []
   for name, (member_dir, member_config) in configs.items():
     workdir_lib.as_path(member_dir).mkdir(parents=True, exist_ok=True)
@@ -183,8 +188,10 @@ def held_out(config, workdir, grid, val_split, max_stack=MAX_STACK):
     final_split = f'{train_split}+{val_split}'
   selection = config.copy_and_resolve_references()
   selection.data.train_split, selection.data.val_split = train_split, val_split
-  results = train_members(selection, str(workdir_lib.as_path(workdir) / 'selection'), grid,
-                          evaluation_splits=('val',), max_stack=max_stack)
+  results = train_members(selection,
+                          str(workdir_lib.as_path(workdir) / SELECTION_DIR),
+                          grid, evaluation_splits=('val',),
+                          max_stack=max_stack)
   if results is None:
     return None
   rows = summary_rows(config, grid, results, 'val_accuracy')
@@ -193,7 +200,7 @@ def held_out(config, workdir, grid, val_split, max_stack=MAX_STACK):
   final.data.train_split, final.data.val_split = final_split, None
   logging.info('Chosen on %s: %s (%.4f); retraining on %s.', val_split,
                chosen['name'], chosen['val_accuracy'], final_split)
-  final_dir = str(workdir_lib.as_path(workdir) / 'final')
+  final_dir = str(workdir_lib.as_path(workdir) / FINAL_DIR)
   results = train.train_and_evaluate(final, final_dir)
   if results is None:
     return None
